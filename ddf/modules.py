@@ -1,0 +1,341 @@
+"""DDF building blocks: FilterNorm, DDFPack and DDFUpPack.
+
+The parameter layout (and therefore the state-dict keys) of :class:`DDFPack` matches
+the original release, so its checkpoints load strictly:
+
+    spatial_branch.0.{weight,bias}   1x1 conv  C -> head*k*k (stride s)
+    channel_branch.1.{weight,bias}   1x1 conv  C -> int(C*se_ratio)
+    channel_branch.3.{weight,bias}   1x1 conv  int(C*se_ratio) -> C*k*k
+    channel_branch.4.std             learnable FilterNorm scale, shape (C*k*k,)
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.init import calculate_gain
+
+from .functional import ddf
+
+__all__ = ["FilterNorm", "DDFPack", "DDFUpPack"]
+
+_COMBINES = ("mul", "add")
+_FILTERS = ("both", "spatial", "channel")
+_NORMS = ("filter_norm", "batch_norm", "sigmoid")
+_NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+
+
+def _check_int(owner: str, name: str, value, minimum: int, odd: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    if odd and value % 2 == 0:
+        raise ValueError(f"{owner}: {name} must be odd, got {value}")
+    return value
+
+
+def _check_choice(owner: str, name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_se_ratio(owner: str, in_channels: int, se_ratio) -> float:
+    if isinstance(se_ratio, bool) or not isinstance(se_ratio, numbers.Real):
+        raise TypeError(f"{owner}: se_ratio must be a positive number, got {se_ratio!r}")
+    se_ratio = float(se_ratio)
+    if not se_ratio > 0:
+        raise ValueError(f"{owner}: se_ratio must be > 0, got {se_ratio}")
+    if int(in_channels * se_ratio) < 1:
+        raise ValueError(
+            f"{owner}: se_ratio={se_ratio} leaves int(in_channels*se_ratio) = 0 squeeze channels for "
+            f"in_channels={in_channels}; use a larger se_ratio"
+        )
+    return se_ratio
+
+
+class FilterNorm(nn.Module):
+    """Filter normalisation (paper Eq. 3).
+
+    Each filter is normalised over its ``k*k`` taps: subtract the mean, divide by
+    (unbiased std + 1e-10), then multiply by a scale.
+
+    * ``filter_type='spatial'``: input ``(B, head*k*k, H, W)``; one filter per pixel and head;
+      fixed scale ``calculate_gain(nonlinearity) / k`` (not a parameter).
+    * ``filter_type='channel'``: input ``(B, C*k*k[, 1, 1])``; one filter per channel; output
+      ``(B, C*k*k)``. With ``running_std=True`` the scale is a learnable per-(channel, tap)
+      parameter ``std`` of shape ``(C*k*k,)`` initialised as ``randn * gain / k``; otherwise the
+      fixed scalar ``gain / k``.
+
+    ``in_channels`` is the number of filters per sample that share nothing: ``head`` for
+    spatial filters, ``C`` for channel filters.
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int, filter_type: str,
+                 nonlinearity: str = "linear", running_std: bool = False):
+        super().__init__()
+        self.in_channels = _check_int("FilterNorm", "in_channels", in_channels, 1)
+        self.kernel_size = _check_int("FilterNorm", "kernel_size", kernel_size, 1)
+        self.filter_type = _check_choice("FilterNorm", "filter_type", filter_type, ("spatial", "channel"))
+        _check_choice("FilterNorm", "nonlinearity", nonlinearity, _NONLINEARITIES)
+        if self.kernel_size * self.kernel_size < 2:
+            raise ValueError("FilterNorm: kernel_size must be > 1 (the std over a single tap is undefined)")
+        self.nonlinearity = nonlinearity
+        self.running_std = bool(running_std)
+        scale = calculate_gain(nonlinearity) / kernel_size
+        if self.running_std:
+            self.std = nn.Parameter(torch.randn(self.in_channels * kernel_size ** 2) * scale)
+        else:
+            self.std = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kk = self.kernel_size ** 2
+        g = self.in_channels
+        if self.filter_type == "spatial":
+            if x.dim() != 4 or x.shape[1] != g * kk:
+                raise ValueError(
+                    f"FilterNorm(spatial): input must have shape (B, {g}*{kk}, H, W), got {tuple(x.shape)}"
+                )
+            b, _, h, w = x.shape
+            y = x.reshape(b, g, kk, h, w)
+            y = y - y.mean(dim=2, keepdim=True)
+            y = y / (y.std(dim=2, keepdim=True) + 1e-10)
+            y = y.reshape(b, g * kk, h, w)
+            if self.running_std:
+                y = y * self.std.view(1, -1, 1, 1)
+            else:
+                y = y * self.std
+            return y
+        if x.numel() != x.shape[0] * g * kk:
+            raise ValueError(
+                f"FilterNorm(channel): input must hold B*{g}*{kk} values (shape (B, {g * kk}[, 1, 1])), "
+                f"got {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        y = x.reshape(b, g, kk)
+        y = y - y.mean(dim=2, keepdim=True)
+        y = y / (y.std(dim=2, keepdim=True) + 1e-10)
+        y = y.reshape(b, g * kk)
+        if self.running_std:
+            y = y * self.std.view(1, -1)
+        else:
+            y = y * self.std
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, kernel_size={self.kernel_size}, filter_type={self.filter_type!r}, "
+                f"nonlinearity={self.nonlinearity!r}, running_std={self.running_std}")
+
+
+def _spatial_norm(norm: str, head: int, kernel_size: int, nonlinearity: str) -> nn.Module:
+    if norm == "filter_norm":
+        return FilterNorm(head, kernel_size, "spatial", nonlinearity)
+    if norm == "batch_norm":
+        return nn.BatchNorm2d(head * kernel_size ** 2)
+    return nn.Sigmoid()
+
+
+def _channel_norm(norm: str, in_channels: int, kernel_size: int, nonlinearity: str) -> nn.Module:
+    if norm == "filter_norm":
+        return FilterNorm(in_channels, kernel_size, "channel", nonlinearity, running_std=True)
+    if norm == "batch_norm":
+        # BatchNorm over the channel filters of the batch (needs batch size > 1 in training).
+        return nn.BatchNorm2d(in_channels * kernel_size ** 2)
+    return nn.Sigmoid()
+
+
+def build_spatial_branch(in_channels: int, kernel_size: int, head: int = 1, stride: int = 1,
+                         nonlinearity: str = "relu", norm: str = "filter_norm",
+                         dw_kernel_size: int = 1) -> nn.Sequential:
+    """[depthwise conv (dw_kernel_size > 1)] -> 1x1 conv to head*k*k -> normalisation."""
+    layers = []
+    if dw_kernel_size > 1:
+        layers.append(nn.Conv2d(in_channels, in_channels, dw_kernel_size, stride=stride,
+                                padding=dw_kernel_size // 2, groups=in_channels))
+        stride = 1
+    layers.append(nn.Conv2d(in_channels, head * kernel_size ** 2, 1, stride=stride))
+    layers.append(_spatial_norm(norm, head, kernel_size, nonlinearity))
+    return nn.Sequential(*layers)
+
+
+def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0.2,
+                         nonlinearity: str = "relu", norm: str = "filter_norm") -> nn.Sequential:
+    """GAP -> 1x1 conv to int(C*se_ratio) -> ReLU -> 1x1 conv to C*k*k -> normalisation."""
+    mid = int(in_channels * se_ratio)
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Conv2d(in_channels, mid, 1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid, in_channels * kernel_size ** 2, 1),
+        _channel_norm(norm, in_channels, kernel_size, nonlinearity),
+    )
+
+
+class DDFPack(nn.Module):
+    """DDF module (paper Fig. 2b): predicts spatial and channel filters from ``x`` and applies DDF.
+
+    Args:
+        in_channels: channels ``C`` of the input (= output channels).
+        kernel_size: odd filter size ``k``.
+        stride, dilation: of the DDF operation (the spatial branch's 1x1 conv uses the same stride).
+        head: number of spatial-filter heads (must divide ``C``).
+        se_ratio: squeeze ratio sigma of the channel branch (``int(C*sigma)`` hidden channels).
+        nonlinearity: nonlinearity that follows; sets the FilterNorm scale ``gain/k``.
+        kernel_combine: ``'mul'`` or ``'add'``.
+        filters: ``'both'`` (DDF), ``'spatial'`` (spatial-only: channel filter is a constant 1 for
+            'mul' / 0 for 'add') or ``'channel'`` (channel-only: constant spatial filter). The
+            disabled branch creates no parameters. Paper Table 3(a).
+        normalization: ``'filter_norm'`` (paper), ``'batch_norm'`` or ``'sigmoid'``. Table 3(b).
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
+                 head: int = 1, se_ratio: float = 0.2, nonlinearity: str = "relu",
+                 kernel_combine: str = "mul", filters: str = "both", normalization: str = "filter_norm"):
+        super().__init__()
+        owner = "DDFPack"
+        self.in_channels = _check_int(owner, "in_channels", in_channels, 1)
+        self.kernel_size = _check_int(owner, "kernel_size", kernel_size, 3, odd=True)
+        self.stride = _check_int(owner, "stride", stride, 1)
+        self.dilation = _check_int(owner, "dilation", dilation, 1)
+        self.head = _check_int(owner, "head", head, 1)
+        if self.in_channels % self.head != 0:
+            raise ValueError(f"{owner}: head={self.head} must divide in_channels={self.in_channels}")
+        self.kernel_combine = _check_choice(owner, "kernel_combine", kernel_combine, _COMBINES)
+        self.filters = _check_choice(owner, "filters", filters, _FILTERS)
+        self.normalization = _check_choice(owner, "normalization", normalization, _NORMS)
+        _check_choice(owner, "nonlinearity", nonlinearity, _NONLINEARITIES)
+        self.se_ratio = se_ratio
+        if self.filters in ("both", "spatial"):
+            self.spatial_branch = build_spatial_branch(
+                self.in_channels, self.kernel_size, self.head, self.stride, nonlinearity, self.normalization)
+        else:
+            self.spatial_branch = None
+        if self.filters in ("both", "channel"):
+            self.se_ratio = _check_se_ratio(owner, self.in_channels, se_ratio)
+            self.channel_branch = build_channel_branch(
+                self.in_channels, self.kernel_size, self.se_ratio, nonlinearity, self.normalization)
+        else:
+            self.channel_branch = None
+
+    def _constant(self, shape, like: torch.Tensor) -> torch.Tensor:
+        fill = 1.0 if self.kernel_combine == "mul" else 0.0
+        return torch.full(shape, fill, dtype=like.dtype, device=like.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DDFPack: input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        k = self.kernel_size
+        if self.channel_branch is not None:
+            channel_filter = self.channel_branch(x).reshape(b, c, k, k)
+        else:
+            channel_filter = self._constant((b, c, k, k), x)
+        if self.spatial_branch is not None:
+            spatial_filter = self.spatial_branch(x)
+        else:
+            ho, wo = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+            spatial_filter = self._constant((b, self.head * k * k, ho, wo), x)
+        if channel_filter.dtype != x.dtype:  # e.g. BatchNorm kept in float32 under autocast
+            channel_filter = channel_filter.to(x.dtype)
+        if spatial_filter.dtype != x.dtype:
+            spatial_filter = spatial_filter.to(x.dtype)
+        return ddf(x, channel_filter, spatial_filter, k, self.dilation, self.stride, self.head,
+                   self.kernel_combine)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, head={self.head}, kernel_combine={self.kernel_combine!r}, "
+                f"filters={self.filters!r}, normalization={self.normalization!r}")
+
+
+class DDFUpPack(nn.Module):
+    """DDF-Up (paper Fig. 5, Sec. 6): ``scale_factor**2`` DDF branches, pixel-shuffled.
+
+    * Typical upsampling (``joint_channels=-1``): each branch predicts its spatial filters from
+      ``x`` through a depthwise ``dw_kernel_size`` conv and a 1x1 conv; ``forward(x)``.
+    * Joint upsampling (``joint_channels > 0``): spatial filters are predicted from the guidance
+      ``joint_x`` of shape ``(B, joint_channels, H, W)`` (same spatial size as ``x``);
+      ``forward(x, joint_x)``.
+
+    Channel filters are always predicted from ``x``. Output: ``(B, C, H*scale, W*scale)``;
+    branch ``i*scale + j`` fills the sub-pixel position ``(i, j)``.
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int = 3, scale_factor: int = 2, dilation: int = 1,
+                 head: int = 1, se_ratio: float = 0.2, nonlinearity: str = "linear", dw_kernel_size: int = 3,
+                 joint_channels: int = -1, kernel_combine: str = "mul"):
+        super().__init__()
+        owner = "DDFUpPack"
+        self.in_channels = _check_int(owner, "in_channels", in_channels, 1)
+        self.kernel_size = _check_int(owner, "kernel_size", kernel_size, 3, odd=True)
+        self.scale_factor = _check_int(owner, "scale_factor", scale_factor, 2)
+        self.dilation = _check_int(owner, "dilation", dilation, 1)
+        self.head = _check_int(owner, "head", head, 1)
+        if self.in_channels % self.head != 0:
+            raise ValueError(f"{owner}: head={self.head} must divide in_channels={self.in_channels}")
+        self.dw_kernel_size = _check_int(owner, "dw_kernel_size", dw_kernel_size, 1, odd=True)
+        if isinstance(joint_channels, bool) or not isinstance(joint_channels, numbers.Integral):
+            raise TypeError(f"{owner}: joint_channels must be an integer (-1 for typical upsampling), "
+                            f"got {joint_channels!r}")
+        if joint_channels != -1 and joint_channels < 1:
+            raise ValueError(f"{owner}: joint_channels must be -1 (typical upsampling) or >= 1, "
+                             f"got {joint_channels}")
+        self.joint_channels = int(joint_channels)
+        self.kernel_combine = _check_choice(owner, "kernel_combine", kernel_combine, _COMBINES)
+        _check_choice(owner, "nonlinearity", nonlinearity, _NONLINEARITIES)
+        se_ratio = _check_se_ratio(owner, self.in_channels, se_ratio)
+        guide_channels = self.joint_channels if self.joint else self.in_channels
+        n = self.scale_factor ** 2
+        self.spatial_branch = nn.ModuleList(
+            build_spatial_branch(guide_channels, self.kernel_size, self.head, 1, nonlinearity,
+                                 "filter_norm", self.dw_kernel_size) for _ in range(n))
+        self.channel_branch = nn.ModuleList(
+            build_channel_branch(self.in_channels, self.kernel_size, se_ratio, nonlinearity, "filter_norm")
+            for _ in range(n))
+
+    @property
+    def joint(self) -> bool:
+        return self.joint_channels > 0
+
+    def forward(self, x: torch.Tensor, joint_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DDFUpPack: x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if self.joint:
+            if joint_x is None:
+                raise ValueError(
+                    f"DDFUpPack: built for joint upsampling (joint_channels={self.joint_channels}); "
+                    f"forward needs joint_x of shape (B, {self.joint_channels}, {h}, {w})")
+            if joint_x.dim() != 4 or tuple(joint_x.shape) != (b, self.joint_channels, h, w):
+                raise ValueError(
+                    f"DDFUpPack: joint_x must have shape (B, joint_channels, H, W) = "
+                    f"({b}, {self.joint_channels}, {h}, {w}), got {tuple(joint_x.shape)}")
+            guide = joint_x
+        else:
+            if joint_x is not None:
+                raise ValueError(
+                    "DDFUpPack: joint_x given but the module was built for typical upsampling "
+                    "(joint_channels=-1); build it with joint_channels=<guidance channels>")
+            guide = x
+        k = self.kernel_size
+        outs = []
+        for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
+            channel_filter = c_b(x).reshape(b, c, k, k).to(x.dtype)
+            spatial_filter = s_b(guide).to(x.dtype)
+            outs.append(ddf(x, channel_filter, spatial_filter, k, self.dilation, 1, self.head,
+                            self.kernel_combine))
+        out = torch.stack(outs, dim=2).reshape(b, c * self.scale_factor ** 2, h, w)
+        return F.pixel_shuffle(out, self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, kernel_size={self.kernel_size}, scale_factor={self.scale_factor}, "
+                f"dilation={self.dilation}, head={self.head}, joint_channels={self.joint_channels}, "
+                f"kernel_combine={self.kernel_combine!r}")
