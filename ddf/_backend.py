@@ -26,3 +26,8 @@ def use_compiled(input: torch.Tensor) -> bool:
     if choice == "compiled":
         raise RuntimeError("DDF_BACKEND=compiled but the compiled DDF extension is not built yet")
     return False
+
+
+def backend_info() -> str:
+    """One line saying which DDF backend ``ddf()`` uses (placeholder until ddf.ops lands)."""
+    return f"reference (requested: {requested_backend()}; compiled extension not available)"
