@@ -1,0 +1,130 @@
+"""Atomic checkpoint writing, a last/best/top-k saver, and checkpoint loading for train.py and validate.py."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class CheckpointSaver:
+    """Keeps ``last.pth.tar``, ``model_best.pth.tar`` and the ``top_k`` best epochs
+    (``checkpoint-<epoch>.pth.tar``), every file written atomically. The ranking is kept in ``checkpoints.json``
+    (also atomic) so that it survives a resume."""
+
+    def __init__(self, out_dir: str, top_k: int = 3, decreasing: bool = False):
+        self.out_dir = out_dir
+        self.top_k = top_k
+        self.decreasing = decreasing
+        self.index_path = os.path.join(out_dir, "checkpoints.json")
+        self.ranked: List[Tuple[float, int, str]] = []  # (metric, epoch, path), best first
+        self.best: Optional[Tuple[float, int]] = None
+        if os.path.isfile(self.index_path):
+            with open(self.index_path) as f:
+                state = json.load(f)
+            self.ranked = [tuple(r) for r in state.get("ranked", [])]
+            self.best = tuple(state["best"]) if state.get("best") else None
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.out_dir, "last.pth.tar")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.out_dir, "model_best.pth.tar")
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    def _write_index(self) -> None:
+        tmp = self.index_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ranked": self.ranked, "best": self.best}, f, indent=1)
+        os.replace(tmp, self.index_path)
+
+    def save_last(self, state: Dict) -> str:
+        atomic_save(state, self.last_path)
+        return self.last_path
+
+    def save_epoch(self, state: Dict, epoch: int, metric: float) -> Optional[Tuple[float, int]]:
+        """Write last (+ best, + top-k) for a finished epoch; return (best metric, best epoch)."""
+        atomic_save(state, self.last_path)
+        if self.best is None or self._better(metric, self.best[0]):
+            atomic_save(state, self.best_path)
+            self.best = (metric, epoch)
+        if self.top_k > 0:
+            ranked = [r for r in self.ranked if r[1] != epoch]
+            worst_ok = len(ranked) < self.top_k or self._better(metric, ranked[-1][0])
+            if worst_ok:
+                path = os.path.join(self.out_dir, f"checkpoint-{epoch}.pth.tar")
+                atomic_save(state, path)
+                ranked.append((metric, epoch, path))
+                ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], r[1]))
+                for _, _, p in ranked[self.top_k:]:
+                    if os.path.exists(p):
+                        os.unlink(p)
+                ranked = ranked[: self.top_k]
+            self.ranked = ranked
+        self._write_index()
+        return self.best
+
+
+def load_checkpoint_file(path: str) -> Dict:
+    """Load a checkpoint onto the CPU. Raises FileNotFoundError naming the path when missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except TypeError:  # very old torch without weights_only
+        ckpt = torch.load(path, map_location="cpu")
+    return ckpt
+
+
+def extract_state_dict(ckpt: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Model weights from ours (``state_dict``/``state_dict_ema``), timm's, or a bare state dict (released
+    weights). ``module.`` prefixes from DDP/DataParallel are removed."""
+    if isinstance(ckpt, dict):
+        if use_ema:
+            for key in ("state_dict_ema", "model_ema", "state_dict_ema_v3"):
+                if key in ckpt and ckpt[key] is not None:
+                    sd = ckpt[key]
+                    break
+            else:
+                raise ValueError("use_ema=True but the checkpoint holds no EMA weights (no 'state_dict_ema')")
+        elif "state_dict" in ckpt:
+            sd = ckpt["state_dict"]
+        elif "model" in ckpt and isinstance(ckpt["model"], dict):
+            sd = ckpt["model"]
+        else:
+            sd = ckpt
+    else:
+        raise TypeError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if k.startswith("_orig_mod."):  # torch.compile wrapper
+            k = k[len("_orig_mod."):]
+        out[k] = v
+    return out

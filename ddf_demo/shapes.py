@@ -1,0 +1,163 @@
+"""Procedurally drawn demo dataset: 10 classes of shapes as real JPEG files.
+
+Each image shows one shape (the class) with random position, size, rotation, colours, background clutter
+and pixel noise, drawn with PIL ImageDraw. Files are written in the same layout as ImageNet::
+
+    <root>/train/<class>/<n>.jpeg
+    <root>/val/<class>/<n>.jpeg
+
+The build is deterministic for a given seed, happens once, and is atomic: it is written into a temporary sibling
+folder that is renamed into place only when complete, so an interrupted build never leaves a half dataset behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from typing import Dict, Tuple
+
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASSES = (
+    "circle", "square", "triangle", "star", "plus",
+    "ring", "diamond", "hexagon", "frame", "crescent",
+)
+
+DEFAULT_ROOT = os.path.join("data", "ddf_demo")
+DEFAULTS = dict(train_per_class=300, val_per_class=60, img_size=64, seed=0, version=1)
+_MARKER = "ddf_demo.json"
+
+
+def _rand_colour(rng: random.Random) -> Tuple[int, int, int]:
+    return tuple(rng.randint(0, 255) for _ in range(3))
+
+
+def _far_colour(rng: random.Random, ref: Tuple[int, int, int], min_dist: int = 160) -> Tuple[int, int, int]:
+    for _ in range(100):
+        c = _rand_colour(rng)
+        if sum(abs(a - b) for a, b in zip(c, ref)) >= min_dist:
+            return c
+    return tuple(255 - v for v in ref)
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float = 0.0):
+    pts = []
+    steps = n * 2 if inner else n
+    for i in range(steps):
+        rad = r if (not inner or i % 2 == 0) else r * inner
+        a = rot + 2 * math.pi * i / steps
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
+    """Draw one sample of class ``label`` as a ``size`` x ``size`` RGB image."""
+    bg = _rand_colour(rng)
+    fg = _far_colour(rng, bg)
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    # background clutter: a few thin random lines in a colour near the background
+    for _ in range(rng.randint(0, 3)):
+        clutter = tuple(max(0, min(255, v + rng.randint(-60, 60))) for v in bg)
+        d.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)], fill=clutter, width=1)
+    r = rng.uniform(0.22, 0.38) * size
+    cx = rng.uniform(r, size - r)
+    cy = rng.uniform(r, size - r)
+    rot = rng.uniform(0, 2 * math.pi)
+    w = max(2, int(r * rng.uniform(0.28, 0.4)))
+    name = CLASSES[label]
+    if name == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif name == "square":
+        d.polygon(_polygon(cx, cy, r * 1.15, 4, rot), fill=fg)
+    elif name == "triangle":
+        d.polygon(_polygon(cx, cy, r * 1.15, 3, rot), fill=fg)
+    elif name == "star":
+        d.polygon(_polygon(cx, cy, r * 1.2, 5, rot, inner=0.42), fill=fg)
+    elif name == "plus":
+        t = r * 0.32
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fg)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fg)
+    elif name == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=w)
+    elif name == "diamond":  # elongated rhombus
+        a = r * 1.2
+        b = r * 0.6
+        pts = [(a, 0), (0, b), (-a, 0), (0, -b)]
+        c, s = math.cos(rot), math.sin(rot)
+        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=fg)
+    elif name == "hexagon":
+        d.polygon(_polygon(cx, cy, r * 1.1, 6, rot), fill=fg)
+    elif name == "frame":  # hollow square
+        d.polygon(_polygon(cx, cy, r * 1.2, 4, rot), outline=fg, width=w)
+    elif name == "crescent":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        off = r * 0.55
+        ox, oy = cx + off * math.cos(rot), cy + off * math.sin(rot)
+        d.ellipse([ox - r * 0.9, oy - r * 0.9, ox + r * 0.9, oy + r * 0.9], fill=bg)
+    else:  # pragma: no cover
+        raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 1.0)))
+    # additive pixel noise
+    noise_amp = rng.randint(5, 30)
+    noise = Image.frombytes("L", (size, size), rng.randbytes(size * size)).convert("RGB")
+    img = Image.blend(img, noise, noise_amp / 255.0)
+    return img
+
+
+def _params(**overrides) -> Dict:
+    p = dict(DEFAULTS)
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    return p
+
+
+def is_built(root: str, **overrides) -> bool:
+    marker = os.path.join(root, _MARKER)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker) as f:
+            return json.load(f) == _params(**overrides)
+    except (OSError, ValueError):
+        return False
+
+
+def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, val_per_class: int = None,
+                       img_size: int = None, seed: int = None, verbose: bool = True) -> str:
+    """Build the demo dataset under ``root`` unless an identical one is already there. Returns ``root``."""
+    params = _params(train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed)
+    root = os.path.abspath(root)
+    if is_built(root, **params):
+        return root
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    if verbose:
+        print(f"Building demo dataset in {root} ({len(CLASSES)} classes, {params['train_per_class']} train / "
+              f"{params['val_per_class']} val images per class, {params['img_size']}px) ...", flush=True)
+    tmp = tempfile.mkdtemp(prefix=".ddf_demo_tmp_", dir=parent)
+    try:
+        for split, n, split_seed in (("train", params["train_per_class"], params["seed"]),
+                                     ("val", params["val_per_class"], params["seed"] + 1_000_003)):
+            for label, name in enumerate(CLASSES):
+                cdir = os.path.join(tmp, split, name)
+                os.makedirs(cdir)
+                rng = random.Random(split_seed * 1000 + label)
+                for i in range(n):
+                    img = draw_shape(label, params["img_size"], rng)
+                    img.save(os.path.join(cdir, f"{name}_{i:05d}.jpeg"), quality=90)
+        with open(os.path.join(tmp, _MARKER), "w") as f:
+            json.dump(params, f)
+        if os.path.isdir(root):  # stale build with other parameters
+            old = root + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
