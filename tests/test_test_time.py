@@ -53,3 +53,116 @@ def test_pac_bad_args():
         pac_conv2d(x, torch.randn(3, 4, 3, 3), guidance=torch.randn(1, 2, 4, 6))
     with pytest.raises(ValueError, match="kernel_size"):
         PacConv2dBaseline(4, 4, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU smoke run of test_time.py (tiny sizes, through its CLI entry point main(argv))
+# ----------------------------------------------------------------------------------------------
+import csv  # noqa: E402
+import json  # noqa: E402
+
+import test_time  # noqa: E402
+
+TINY = ["--device", "cpu", "--batch", "1", "--channels", "8", "--resolutions", "7,9",
+        "--table2-shape", "1,8,10,12", "--warmup", "1", "--min-repeats", "3", "--min-time", "0",
+        "--sample-ms", "1", "--copy-mib", "4", "--quiet"]
+
+
+def test_cli_smoke_cpu_every_row_and_column(tmp_path, capsys):
+    csv_path, json_path, md_dir = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "results"
+    out = test_time.main(TINY + ["--mode", "both", "--csv", str(csv_path), "--json", str(json_path),
+                                 "--save-results", str(md_dir)])
+    printed = capsys.readouterr().out
+    records = out["records"]
+    # every (table, entry, size, mode) measured, all ok with positive finite numbers
+    expected = {("A", e, f"1x8x{r}x{r}", m) for e in test_time.ENTRIES_A for r in (7, 9) for m in test_time.MODES}
+    expected |= {("2", e, "1x8x10x12", m) for e in test_time.ENTRIES_2 for m in test_time.MODES}
+    got = {(r["table"], r["entry"], r["shape"], r["mode"]) for r in records}
+    assert got == expected and len(records) == len(expected)
+    for r in records:
+        assert r["status"] == "ok", r
+        assert 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["iqr_ms"] >= 0
+        assert r["repeats"] >= 3 and r["inner"] >= 1
+        assert r["peak_mem_mib"] is None  # CPU: memory is not measured, never invented
+        if r["entry"] in ("ddf_op", "dwconv"):
+            assert r["min_bytes"] > 0 and r["achieved_gbps"] > 0
+    assert out["meta"]["copy_bandwidth"]["gbps"] > 0
+    # paper numbers sit beside ours for the forward rows that the paper has
+    a7 = [r for r in records if r["table"] == "A" and r["shape"] == "1x8x7x7" and r["mode"] == "fwd"]
+    assert {r["entry"]: r["paper_ms"] for r in a7} == {e: test_time.PAPER_TABLE_A[7][e] for e in test_time.ENTRIES_A}
+    pac2 = [r for r in records if r["table"] == "2" and r["entry"] == "pac" and r["mode"] == "fwd"][0]
+    assert (pac2["paper_ms"], pac2["paper_mem"]) == test_time.PAPER_TABLE_2["pac"]
+    # the markdown report: every table, header and row
+    for mode in test_time.MODES:
+        assert f"## Table A — {mode}, B=1, C=8" in printed
+        assert f"## Table 2 — {mode}, input 1×8×10×12" in printed
+    for header in ("| Resolution | Conv paper | Conv ours | DwConv paper | DwConv ours | DDF paper | DDF module ours "
+                   "| DDF Op paper | DDF op ours |",
+                   "| Resolution | DDF/Conv paper | ours | DDF/DwConv paper | ours | Op/Conv paper | ours "
+                   "| Op/DwConv paper | ours | Op GB/s | Op % of copy BW | DwConv GB/s |",
+                   "| Filter | Latency paper (ms) | Latency ours (ms) |"):
+        assert printed.count(header) == 2
+    for row in ("| 7×7 | 0.21 |", "| 9×9 | — |", "| PAC (our unfold baseline) | 46.40 |", "| DDF op (filters given) |"):
+        assert row in printed
+    assert "error" not in printed.lower()
+    assert "Memory is **not measured** on CPU" in printed
+    # files
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records) and all(float(r["median_ms"]) > 0 for r in rows)
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["torch"] == torch.__version__ and len(data["records"]) == len(records)
+    saved = sorted(p.name for p in md_dir.iterdir())
+    assert len(saved) == 2 and saved[0].endswith("_cpu_" + saved[0].split("_cpu_")[1])
+    assert all("_cpu_" in n and "float32_contiguous" in n for n in saved)
+    md = (md_dir / saved[1]).read_text() if saved[1].endswith(".md") else (md_dir / saved[0]).read_text()
+    assert "CPU run" in md and "torch " + torch.__version__ in md
+
+
+def test_cli_channels_last_bfloat16_forward(capsys):
+    out = test_time.main(TINY + ["--tables", "A", "--resolutions", "7", "--dtype", "bfloat16",
+                                 "--memory-format", "channels_last"])
+    recs = out["records"]
+    assert {r["entry"] for r in recs} == set(test_time.ENTRIES_A)
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["dtype"] == "bfloat16" for r in recs), recs
+    # bfloat16 moves half the bytes of float32
+    op = [r for r in recs if r["entry"] == "ddf_op"][0]
+    assert op["min_bytes"] == 2 * (2 * 8 * 49 + 8 * 9 + 9 * 49)
+
+
+def test_cli_plot_is_skipped_or_written(tmp_path, capsys):
+    png = tmp_path / "a.png"
+    out = test_time.main(TINY + ["--tables", "A", "--resolutions", "7", "--plot", str(png)])
+    try:
+        import matplotlib  # noqa: F401
+        assert out["plot"] is True and png.stat().st_size > 0
+    except ImportError:
+        assert out["plot"] is False and not png.exists()
+        assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,match", [
+    (["--table2-shape", "1,8,10"], "B,C,H,W"),
+    (["--resolutions", "7,a"], "integers"),
+    (["--tables", "B"], "--tables"),
+    (["--kernel-size", "4"], "--kernel-size"),
+    (["--device", "tpu"], "--device"),
+    (["--batch", "0"], "--batch"),
+])
+def test_cli_bad_arguments(bad, match, capsys):
+    with pytest.raises(SystemExit):
+        test_time.main(TINY + bad)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cli_cuda_absent_message(capsys):
+    with pytest.raises(SystemExit):
+        test_time.main(TINY + ["--device", "cuda"])
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_min_bytes_formula():
+    # DDF op forward: input + channel filter + spatial filter + output, float32
+    assert test_time.min_bytes("ddf_op", (2, 4, 5, 6), 3, 4, "fwd") == 4 * (240 * 2 + 2 * 4 * 9 + 2 * 9 * 30)
+    assert test_time.min_bytes("conv", (2, 4, 5, 6), 3, 4, "fwd") is None
