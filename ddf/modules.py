@@ -260,9 +260,9 @@ class DDFUpPack(nn.Module):
 
     * Typical upsampling (``joint_channels=-1``): each branch predicts its spatial filters from
       ``x`` through a depthwise ``dw_kernel_size`` conv and a 1x1 conv; ``forward(x)``.
-    * Joint upsampling (``joint_channels > 0``): spatial filters are predicted from the guidance
-      ``joint_x`` of shape ``(B, joint_channels, H, W)`` (same spatial size as ``x``);
-      ``forward(x, joint_x)``.
+    * Joint upsampling (``joint_channels > 0``): spatial filters are predicted by a 1x1 conv from
+      the guidance ``joint_x`` of shape ``(B, joint_channels, H, W)`` (same spatial size as ``x``;
+      ``dw_kernel_size`` is unused); ``forward(x, joint_x)``.
 
     Channel filters are always predicted from ``x``. Output: ``(B, C, H*scale, W*scale)``;
     branch ``i*scale + j`` fills the sub-pixel position ``(i, j)``.
@@ -293,9 +293,12 @@ class DDFUpPack(nn.Module):
         se_ratio = _check_se_ratio(owner, self.in_channels, se_ratio)
         guide_channels = self.joint_channels if self.joint else self.in_channels
         n = self.scale_factor ** 2
+        # typical upsampling: guidance computed from x by a depthwise conv (paper Sec. 6);
+        # joint upsampling: the guidance features are used directly (1x1 conv only, as the original)
+        dw = 1 if self.joint else self.dw_kernel_size
         self.spatial_branch = nn.ModuleList(
             build_spatial_branch(guide_channels, self.kernel_size, self.head, 1, nonlinearity,
-                                 "filter_norm", self.dw_kernel_size) for _ in range(n))
+                                 "filter_norm", dw) for _ in range(n))
         self.channel_branch = nn.ModuleList(
             build_channel_branch(self.in_channels, self.kernel_size, se_ratio, nonlinearity, "filter_norm")
             for _ in range(n))
