@@ -6,6 +6,7 @@ import numbers
 import torch
 
 from . import _backend
+from . import ops  # noqa: F401  (makes torch.ops.ddf.ddf_forward exist whenever `import ddf` succeeds)
 from .reference import ddf_reference
 
 __all__ = ["ddf", "check_ddf_args"]
@@ -101,7 +102,5 @@ def ddf(
         input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, kernel_combine
     )
     if _backend.use_compiled(input):
-        from . import ops
-
         return ops.ddf_op(input, channel_filter, spatial_filter, k, d, s, h, combine)
     return ddf_reference(input, channel_filter, spatial_filter, k, d, s, h, combine)
