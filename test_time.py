@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 2 ms CUDA, 20 ms CPU)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="size of the tensor copied to measure device copy bandwidth (default 1024 CUDA, 64 CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measure every entry in this many interleaved rounds (entries built afresh each round) "
+                        "and pool the samples, so that load from other processes spreads over all entries "
+                        "(default 1 CUDA, 3 CPU)")
     p.add_argument("--tf32", action="store_true",
                    help="allow TF32 in float32 convolutions/matmuls on CUDA (off by default: the paper's "
                         "2080 Ti has no TF32)")
@@ -178,8 +182,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("batch", "channels", "resolutions", "table2_shape"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
-    timing = dict(warmup=10, min_repeats=20, min_time=1.0, sample_ms=2.0, copy_mib=1024) if is_cuda else \
-        dict(warmup=2, min_repeats=5, min_time=0.3, sample_ms=20.0, copy_mib=64)
+    timing = dict(warmup=10, min_repeats=20, min_time=1.0, sample_ms=2.0, copy_mib=1024, rounds=1) \
+        if is_cuda else dict(warmup=2, min_repeats=5, min_time=0.3, sample_ms=20.0, copy_mib=64, rounds=3)
     for name, value in timing.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -187,7 +191,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if not tables or any(t not in ("A", "2") for t in tables):
         raise ValueError(f"--tables must be 'A', '2' or 'A,2', got {args.tables!r}")
     args.tables = tables
-    for name in ("batch", "channels", "warmup", "min_repeats", "max_repeats", "copy_mib"):
+    for name in ("batch", "channels", "warmup", "min_repeats", "max_repeats", "copy_mib", "rounds"):
         v = getattr(args, name)
         if v < (0 if name == "warmup" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {v}")
@@ -247,8 +251,12 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, min_rep
     t_start = time.perf_counter()
     while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - t_start < min_time):
         samples.append(_time_block(fn, inner, device) / inner * 1e3)
+    return dict(_summary(samples), inner=inner, samples_ms=samples)
+
+
+def _summary(samples: Sequence[float]) -> Dict[str, float]:
     q1, med, q3 = _quartiles(samples)
-    return dict(median_ms=med, q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1, repeats=len(samples), inner=inner)
+    return dict(median_ms=med, q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1, repeats=len(samples))
 
 
 def copy_bandwidth(device: torch.device, mib: int, args: argparse.Namespace) -> Dict[str, float]:
@@ -376,8 +384,8 @@ def run_entry(table: str, name: str, shape: Sequence[int], mode: str, args: argp
                    peak_mem_mib=None, peak_above_inputs_mib=None, min_bytes=None, achieved_gbps=None)
     finally:
         del step, keep
-        gc.collect()
-        if device.type == "cuda":
+        if device.type == "cuda":  # free the entry's memory before the next one (gc is slow: CUDA only)
+            gc.collect()
             torch.cuda.empty_cache()
     if table == "A":
         rec["paper_ms"] = PAPER_TABLE_A.get(shape[2], {}).get(name) if mode == "fwd" else None
@@ -444,7 +452,9 @@ def meta_info(args: argparse.Namespace, device: torch.device, copy: Dict[str, fl
         table_a=dict(batch=args.batch, channels=args.channels, resolutions=list(args.resolutions)),
         table2_shape=list(args.table2_shape),
         timing=dict(warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
-                    min_time_s=args.min_time, sample_ms=args.sample_ms),
+                    min_time_s=args.min_time, sample_ms=args.sample_ms, rounds=args.rounds),
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
         copy_bandwidth=copy,
         command="python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]) if sys.argv else "",
     )
@@ -463,8 +473,18 @@ def format_report(meta: Dict[str, object], records: List[dict], args: argparse.N
              f"{meta['kernel_size']}" + (f", TF32 {'on' if meta['tf32'] else 'off'}, cudnn.benchmark "
                                           f"{meta['cudnn_benchmark']}" if cuda else ""))
     t = meta["timing"]
-    L.append(f"- timing: {t['warmup']} warm-up calls, >= {t['min_repeats']} samples and >= {t['min_time_s']} s per "
-             f"entry, samples of ~{t['sample_ms']} ms; cells are **median [IQR] ms per call**")
+    L.append(f"- timing: {t['rounds']} interleaved round(s); per entry and round {t['warmup']} warm-up calls, "
+             f">= {t['min_repeats']} samples and >= {t['min_time_s']} s, samples of ~{t['sample_ms']} ms; cells are "
+             "**median [IQR] ms per call** over the pooled samples")
+    if meta.get("load_average") and not cuda:
+        la = meta["load_average"]
+        L.append(f"- system load average at the end (1/5/15 min): {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} "
+                 "(other processes share this CPU: expect noise; see the IQRs)")
+        cores = os.cpu_count() or 1
+        if la[0] > cores and meta.get("threads", 1) > 1:
+            L.append(f"- **warning**: load {la[0]:.1f} > {cores} cores with {meta['threads']} torch threads: "
+                     "multi-threaded CPU kernels wait for descheduled threads (ms-scale stalls); rerun with "
+                     "`--threads 1` for stable numbers")
     L.append(f"- device copy bandwidth: {copy['gbps']:.1f} GB/s (copy of {copy['bytes'] / 2 / 2 ** 20:.0f} MiB, "
              "bytes read + written / median time)")
     if not cuda:
@@ -601,8 +621,10 @@ def write_plot(path: str, meta: Dict[str, object], records: List[dict], args: ar
                 ax.plot(*zip(*pts), marker="x", color=colors[e], linestyle=":", label=f"{LABELS[e]} (paper)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(res)
-    ax.set_xticklabels([str(r) for r in res])
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+    ax.xaxis.set_major_locator(FixedLocator(res))
+    ax.xaxis.set_major_formatter(FixedFormatter([str(r) for r in res]))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("resolution (pixels per side)")
     ax.set_ylabel("latency per call (ms, median)")
     ax.set_title(f"Table A, B={a['batch']} C={a['channels']}, {meta['dtype']}, {meta['device_name']}"[:90],
@@ -647,7 +669,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     copy = copy_bandwidth(device, args.copy_mib, args)
     log(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
-    records: List[dict] = []
     jobs = []
     for mode in args.modes:
         if "A" in args.tables:
@@ -657,11 +678,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if "2" in args.tables:
             for e in ENTRIES_2:
                 jobs.append(("2", e, tuple(args.table2_shape), mode))
-    for i, (table, e, shape, mode) in enumerate(jobs):
-        rec = run_entry(table, e, shape, mode, args, device)
-        records.append(rec)
-        log(f"[{i + 1}/{len(jobs)}] table {table} {LABELS[e]:<26} {rec['shape']:<16} {mode:<8} "
-            f"{_ms(rec)} ms" + (f", peak {rec['peak_mem_mib']:.1f} MiB" if rec.get("peak_mem_mib") else ""))
+    by_job: Dict[int, dict] = {}
+    for rnd in range(args.rounds):
+        for i, (table, e, shape, mode) in enumerate(jobs):
+            rec = run_entry(table, e, shape, mode, args, device)
+            prev = by_job.get(i)
+            if prev is None or prev.get("status") != "ok":
+                by_job[i] = rec
+            elif rec.get("status") == "ok":  # pool the samples of all rounds
+                prev["samples_ms"] = prev["samples_ms"] + rec["samples_ms"]
+                prev.update(_summary(prev["samples_ms"]))
+                if prev.get("min_bytes"):
+                    prev["achieved_gbps"] = prev["min_bytes"] / (prev["median_ms"] / 1e3) / 1e9
+            else:  # a later round failed: report it, never hide it
+                by_job[i] = rec
+            log(f"[round {rnd + 1}/{args.rounds}, {i + 1}/{len(jobs)}] table {table} {LABELS[e]:<26} "
+                f"{rec['shape']:<16} {mode:<8} {_ms(rec)} ms"
+                + (f", peak {rec['peak_mem_mib']:.1f} MiB" if rec.get("peak_mem_mib") else ""))
+    records = [by_job[i] for i in range(len(jobs))]
 
     meta = meta_info(args, device, copy)
     report = format_report(meta, records, args)
