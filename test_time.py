@@ -490,7 +490,8 @@ def format_report(meta: Dict[str, object], records: List[dict], args: argparse.N
     if not cuda:
         L.append("- **CPU run**: sizes are scaled down and the paper's numbers are GPU (2080 Ti) numbers at the "
                  "paper's sizes — compare ratios, not absolute times. Memory is **not measured** on CPU (n/a).")
-    if "reference" in str(meta["ddf_backend"]):
+    info = str(meta["ddf_backend"])
+    if "reference" in info or (cuda and "cuda" not in info):
         L.append("- note: DDF rows ran the plain PyTorch *reference* implementation (no compiled op), which "
                  "materialises the unfolded input; they say nothing about the speed of the compiled op.")
     L.append("")
@@ -658,6 +659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
