@@ -177,7 +177,8 @@ def _make(variant: str, model_args: Dict[str, Any], pretrained: bool, kwargs: Di
     return _create_ddf_resnet(variant, pretrained, **merged)
 
 
-_TINY = dict(channels=(32, 64, 128, 256), stem_width=32)
+# deep stem 3->16->16->32 so that layer1 starts at 32 channels (timm's plain stem always gives 64)
+_TINY = dict(channels=(32, 64, 128, 256), stem_type="deep", stem_width=16)
 
 
 @register_model
