@@ -324,6 +324,7 @@ def make_entry(name: str, shape: Sequence[int], k: int, dtype: torch.dtype, devi
         else:
             raise ValueError(f"unknown entry {name!r}")
         m = m.to(device=device, dtype=dtype, memory_format=fmt)
+        m.train(grad)  # forward only: eval() as the original script; forward+backward: train()
         inputs = [x] + [p for p in m.parameters()]
 
         def run():
