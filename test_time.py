@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None,
                    help="write a PNG of Table A latency vs resolution (log scale); needs matplotlib")
     p.add_argument("--save-results", default=None, metavar="DIR",
-                   help="write <date>_<device>_<dtype>_<format>.{md,json} into DIR (e.g. benchmarks/results)")
+                   help="write <date>_<device>_<dtype>_<format>.{md,json} into DIR (e.g. benchmarks/results), "
+                        "and a .png plot of Table A when matplotlib is installed")
     p.add_argument("--quiet", action="store_true", help="do not print progress lines to stderr")
     return p
 
@@ -721,6 +722,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         _atomic_write(base + ".md", report + "\n")
         _atomic_write(base + ".json", json.dumps(dict(meta=meta, records=records), indent=1))
         result["saved"] = [base + ".md", base + ".json"]
+        if "A" in args.tables and write_plot(base + ".png", meta, records, args):
+            result["saved"].append(base + ".png")
         log(f"saved {base}.md and {base}.json")
     return result
 
