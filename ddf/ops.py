@@ -98,6 +98,13 @@ def _define_reference_ops():
     def backward_impl(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride, head,
                       combine):
         _check_op_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine)
+        B, C, H, W = input.shape
+        expected = (B, C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+        if not isinstance(grad_output, torch.Tensor) or tuple(grad_output.shape) != expected:
+            got = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else type(grad_output).__name__
+            raise ValueError(f"ddf: grad_output must have shape (B, C, Ho, Wo) = {expected}, got {got}")
+        if grad_output.dtype != input.dtype or grad_output.device != input.device:
+            raise TypeError("ddf: grad_output must have the dtype and device of input")
         return ddf_reference_backward(
             grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride, head,
             _COMBINE_NAMES[combine],
