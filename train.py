@@ -1,0 +1,723 @@
+#!/usr/bin/env python3
+"""Train DDF-ResNets (or any timm model) on an ImageNet-style folder, or on the embedded demo dataset.
+
+    python train.py                                   # demo: builds ./data/ddf_demo once, trains a tiny DDF-ResNet
+    ./distributed_train.sh 8 /data/imagenet --model ddf_mul_resnet50 --lr 0.4 --warmup-epochs 5 --epochs 120 \
+        --sched cosine -b 128 -j 6 --amp --dist-bn reduce
+    python train.py --config configs/ddf_mul_resnet50.yaml /data/imagenet
+
+Built from timm's library pieces (create_model, transforms, Mixup/CutMix, create_optimizer_v2,
+create_scheduler_v2, ModelEmaV3, distribute_bn) plus our own loop, data checks, atomic checkpoints and resume.
+See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+import timm
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import distribute_bn
+
+try:
+    from timm.utils import ModelEmaV3 as ModelEma
+except ImportError:  # older timm
+    from timm.utils import ModelEmaV2 as ModelEma
+
+import models  # noqa: F401  (registers the DDF-ResNets with timm)
+from ddf_demo.ckpt import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
+from ddf_demo.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
+                             resolve_amp)
+from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
+from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
+from ddf_demo.shapes import build_demo_dataset
+
+_logger = logging.getLogger("train")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_CONFIG = os.path.join(HERE, "configs", "demo.yaml")
+CKPT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="DDF-ResNet training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="", metavar="FILE",
+                   help="YAML file of defaults (keys = option names); command-line options override it")
+    g = p.add_argument_group("data")
+    g.add_argument("data", nargs="?", default=None, metavar="DIR",
+                   help="dataset root with train/<class>/*.jpeg and val/<class>/*.jpeg; omitted: the embedded demo")
+    g.add_argument("--data-dir", dest="data_dir", default=None, help="same as the positional DIR")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--bad-image", default="skip", choices=("skip", "error"),
+                   help="unreadable image: warn naming the file and use the next one, or stop with its path")
+    g.add_argument("--demo-root", default=DEMO_ROOT, help="where the demo dataset is built/cached")
+    g.add_argument("--demo-train-per-class", type=int, default=None)
+    g.add_argument("--demo-val-per-class", type=int, default=None)
+    g.add_argument("--demo-img-size", type=int, default=None)
+    g.add_argument("-j", "--workers", type=int, default=4, help="data loader worker processes per rank")
+    g.add_argument("--pin-mem", action="store_true", default=False)
+    g.add_argument("--no-prefetcher", action="store_true", default=False, help="accepted for compatibility; no effect")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ddf_mul_resnet50", help="timm model name, e.g. ddf_mul_resnet50")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra create_model kwargs, e.g. se_ratio=0.3 filters=channel normalization=batch_norm")
+    g.add_argument("--pretrained", action="store_true", default=False)
+    g.add_argument("--initial-checkpoint", default="", help="weights to start from (fine-tuning); not a resume")
+    g.add_argument("--resume", default="", help="checkpoint to continue the same run from (last.pth.tar)")
+    g.add_argument("--no-resume-opt", action="store_true", default=False,
+                   help="on --resume restore only weights and epoch, not optimizer/scaler/EMA state")
+    g.add_argument("--num-classes", type=int, default=None, help="default: number of class folders")
+    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
+    g.add_argument("--crop-pct", type=float, default=None)
+    g.add_argument("--mean", type=float, nargs="+", default=None)
+    g.add_argument("--std", type=float, nargs="+", default=None)
+    g.add_argument("--interpolation", default="", help="eval resize interpolation (default: model's)")
+    g.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument("--drop", type=float, default=0.0, help="classifier dropout")
+    g.add_argument("--drop-path", type=float, default=None)
+    g.add_argument("--channels-last", action="store_true", default=False)
+    g.add_argument("--torch-compile", nargs="?", const="inductor", default=None, metavar="BACKEND")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="sgd")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value"))
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true", default=False, help="step the schedule every update")
+    g.add_argument("--lr", type=float, default=None, help="learning rate; default lr-base * global batch / lr-base-size")
+    g.add_argument("--lr-base", type=float, default=0.1)
+    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument("--warmup-lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--epochs", type=int, default=120)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--decay-epochs", type=float, default=90)
+    g.add_argument("--decay-rate", type=float, default=0.1)
+
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0))
+    g.add_argument("--ratio", type=float, nargs=2, default=(3.0 / 4.0, 4.0 / 3.0))
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--vflip", type=float, default=0.0)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", default=None, help="AutoAugment policy, e.g. rand-m9-mstd0.5")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--mixup", type=float, default=0.0)
+    g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+
+    g = p.add_argument_group("batch norm, EMA, distributed")
+    g.add_argument("--sync-bn", action="store_true", default=False, help="SyncBatchNorm (CUDA only)")
+    g.add_argument("--dist-bn", default="reduce", choices=("", "reduce", "broadcast"),
+                   help="after each epoch, average (reduce) or copy from rank 0 (broadcast) the BN statistics")
+    g.add_argument("--model-ema", action="store_true", default=False)
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("precision and device")
+    g.add_argument("--amp", action="store_true", default=False,
+                   help="native torch.amp mixed precision (float16 + grad scaler on CUDA, bfloat16 on CPU)")
+    g.add_argument("--native-amp", dest="amp", action="store_true", help="alias of --amp")
+    g.add_argument("--apex-amp", action="store_true", default=False, help="not supported (apex); use --amp")
+    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+    g = p.add_argument_group("run, logging, checkpoints")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--deterministic", action="store_true", default=False,
+                   help="deterministic algorithms and cudnn; with --seed a resumed run reproduces an uninterrupted one")
+    g.add_argument("--output", default="output/train", help="parent folder of the run folder")
+    g.add_argument("--experiment", default="", help="run folder name (default: <date>-<model>)")
+    g.add_argument("--log-interval", type=int, default=50, help="progress line every N steps")
+    g.add_argument("--checkpoint-hist", type=int, default=3, help="keep the top-k epoch checkpoints")
+    g.add_argument("--checkpoint-interval", type=int, default=0,
+                   help="also write last.pth.tar every N steps inside an epoch (mid-epoch resume)")
+    g.add_argument("--stop-after-steps", type=int, default=0,
+                   help="save last.pth.tar and stop after N optimizer steps in total (simulated interruption)")
+    g.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"))
+    g.add_argument("--no-tensorboard", action="store_true", default=False)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = build_parser()
+    known, _ = build_parser().parse_known_args(argv)
+    config_path = known.config
+    if not config_path and known.data is None and known.data_dir is None and os.path.isfile(DEMO_CONFIG):
+        config_path = DEMO_CONFIG  # `python train.py` with no data: the demo config
+    cfg_model_kwargs: Dict = {}
+    if config_path:
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"--config: file not found: {os.path.abspath(config_path)}")
+        with open(config_path) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--config {config_path}: expected a mapping of option: value, got {type(cfg).__name__}")
+        dests = {a.dest for a in parser._actions}
+        clean = {}
+        for k, v in cfg.items():
+            key = str(k).replace("-", "_")
+            if key not in dests or key in ("config", "help"):
+                raise ValueError(f"--config {config_path}: unknown option {k!r}")
+            if key == "model_kwargs":
+                if isinstance(v, dict):
+                    cfg_model_kwargs = dict(v)
+                    continue
+                if v is None:
+                    continue
+                cfg_model_kwargs = parse_kv(v)
+                continue
+            clean[key] = v
+        parser.set_defaults(**clean)
+    args = parser.parse_args(argv)
+    args.config = config_path
+    args.model_kwargs = {**cfg_model_kwargs, **parse_kv(args.model_kwargs)}
+    if args.data_dir and args.data and args.data_dir != args.data:
+        parser.error(f"data given twice: {args.data!r} and --data-dir {args.data_dir!r}")
+    args.data = args.data or args.data_dir
+    args.data_dir = args.data
+    if args.apex_amp:
+        parser.error("--apex-amp: NVIDIA apex is not supported (obsolete); use --amp (native torch.amp, float16 + "
+                     "GradScaler on CUDA) or --amp --amp-dtype bfloat16")
+    for name in ("scale", "ratio"):
+        setattr(args, name, tuple(getattr(args, name)))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (pytest swaps it between tests)."""
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    for name in ("train", "ddf", "validate"):
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.propagate = False
+        if not any(isinstance(h, _StdoutHandler) for h in lg.handlers):
+            h = _StdoutHandler()
+            h.setFormatter(logging.Formatter("%(message)s"))
+            lg.addHandler(h)
+
+
+def init_distributed(args):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(args.local_rank or 0)))
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    if want.startswith("cuda"):
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return distributed, world_size, rank, local_rank, device
+
+
+def barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+def rng_state() -> Dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError):
+            _logger.warning("could not restore CUDA RNG state (different GPU count)")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class RunLog:
+    """Per-epoch summary.csv (appended across resumes) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out_dir: str, tensorboard: bool = True):
+        self.csv_path = os.path.join(out_dir, "summary.csv")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+            except Exception as e:  # tensorboard not installed
+                _logger.warning("TensorBoard logging disabled: %s", e)
+
+    def epoch(self, row: Dict) -> None:
+        exists = os.path.isfile(self.csv_path)
+        rows = []
+        if exists:  # drop a row of the same epoch written before an interruption/resume
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("epoch") != str(row["epoch"])]
+        rows.append({k: row[k] for k in row})
+        fields = list(row.keys())
+        tmp = self.csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+        os.replace(tmp, self.csv_path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def step(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    distributed, world_size, rank, local_rank, device = init_distributed(args)
+    setup_logging(rank)
+    try:
+        return _run(args, distributed, world_size, rank, device)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, distributed: bool, world_size: int, rank: int, device: torch.device) -> Dict:
+    if args.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); on CPU use --dist-bn reduce")
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # ---------------------------------------------------------------- data
+    demo = args.data is None
+    if demo:
+        root = os.path.abspath(args.demo_root)
+        if rank == 0:
+            build_demo_dataset(root, train_per_class=args.demo_train_per_class, val_per_class=args.demo_val_per_class,
+                               img_size=args.demo_img_size)
+        barrier(distributed)
+        args.data = args.data_dir = root
+    data_root = args.data
+    train_probe = ImageFolderDataset(data_root, args.train_split, None, bad_image=args.bad_image, seed=args.seed)
+    val_probe = ImageFolderDataset(data_root, args.val_split, None, bad_image=args.bad_image)
+    if train_probe.classes != val_probe.classes:
+        missing = sorted(set(train_probe.classes) ^ set(val_probe.classes))
+        raise DatasetError(f"class folders differ between {os.path.join(data_root, args.train_split)} and "
+                           f"{os.path.join(data_root, args.val_split)}: {missing[:10]}")
+    num_classes = args.num_classes or len(train_probe.classes)
+    if num_classes < len(train_probe.classes):
+        raise ValueError(f"--num-classes {num_classes} is smaller than the {len(train_probe.classes)} class folders "
+                         f"in {os.path.join(data_root, args.train_split)}")
+    args.num_classes = num_classes
+
+    # ---------------------------------------------------------------- model
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
+                              **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}),
+                              **args.model_kwargs)
+    if args.initial_checkpoint:
+        sd = extract_state_dict(load_checkpoint_file(args.initial_checkpoint))
+        own = model.state_dict()
+        mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+        for k in mismatched:  # e.g. a new classifier for another class count
+            del sd[k]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        _logger.info("initial checkpoint %s: %d tensors loaded; reinitialised %s; missing %s; unexpected %s",
+                     args.initial_checkpoint, len(sd), mismatched or "none", list(missing) or "none",
+                     list(unexpected) or "none")
+    n_params = sum(p.numel() for p in model.parameters())
+    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    _logger.info("model %s: %.2fM params, kwargs %s, data config %s", args.model, n_params / 1e6, args.model_kwargs,
+                 data_config)
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    global_batch = args.batch_size * world_size
+    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
+    args.lr_effective = lr
+    opt_kwargs = {"eps": args.opt_eps} if args.opt_eps is not None else {}
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    amp_dtype, amp_note = resolve_amp(device, args.amp, args.amp_dtype)
+    autocast = autocast_ctx(device, amp_dtype)
+    scaler = make_grad_scaler(device, amp_dtype)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEma(model, decay=args.model_ema_decay,
+                             device=torch.device("cpu") if args.model_ema_force_cpu else None)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, start_step, resume_ckpt = 0, 0, None
+    if args.resume:
+        resume_ckpt = load_checkpoint_file(args.resume)
+        if resume_ckpt.get("arch") and resume_ckpt["arch"] != args.model:
+            raise ValueError(f"--resume {args.resume} was trained as {resume_ckpt['arch']!r} but --model is "
+                             f"{args.model!r}")
+        unwrap(model).load_state_dict(extract_state_dict(resume_ckpt))
+        start_epoch = int(resume_ckpt.get("epoch", -1)) + 1
+        start_step = int(resume_ckpt.get("step", 0))
+        if start_step:  # mid-epoch checkpoint: 'epoch' is the epoch in progress
+            start_epoch -= 1
+        if not args.no_resume_opt:
+            if "optimizer" in resume_ckpt:
+                optimizer.load_state_dict(resume_ckpt["optimizer"])
+            if scaler is not None and resume_ckpt.get("scaler"):
+                scaler.load_state_dict(resume_ckpt["scaler"])
+            if model_ema is not None and resume_ckpt.get("state_dict_ema"):
+                unwrap(model_ema.module).load_state_dict(extract_state_dict(resume_ckpt, use_ema=True))
+        _logger.info("resumed from %s: epoch %d, step %d", args.resume, start_epoch, start_step)
+
+    if args.torch_compile:
+        model = torch.compile(model, backend=args.torch_compile)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---------------------------------------------------------------- loaders
+    train_tf = create_transform(data_config["input_size"], is_training=True, scale=args.scale, ratio=args.ratio,
+                                hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+                                auto_augment=args.aa, interpolation=args.train_interpolation,
+                                mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob)
+    train_ds = train_probe
+    train_ds.transform = train_tf
+    val_ds = val_probe
+    val_ds.transform = eval_transform(data_config)
+    if args.batch_size > len(train_ds) // world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_ds) // world_size} training "
+                         f"images per process in {os.path.join(data_root, args.train_split)}")
+    train_sampler = ResumableSampler(len(train_ds), shuffle=True, seed=args.seed, num_replicas=world_size, rank=rank)
+    val_sampler = ResumableSampler(len(val_ds), shuffle=False, num_replicas=world_size, rank=rank, pad=False)
+    loader_kw = dict(num_workers=args.workers, pin_memory=args.pin_mem and device.type == "cuda",
+                     persistent_workers=False)
+    # own generators: creating a loader iterator then draws no number from the global torch RNG, so a run resumed
+    # mid-epoch sees the same RNG stream (drop-path, mixup) as an uninterrupted one
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler,
+                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed),
+                                               **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=args.validation_batch_size or args.batch_size,
+                                             sampler=val_sampler, generator=torch.Generator().manual_seed(args.seed),
+                                             **loader_kw)
+    steps_per_epoch = int(math.ceil(len(train_ds) / world_size)) // args.batch_size
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
+        train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=steps_per_epoch)
+    if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get("scheduler"):
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+    if args.sched_on_updates:
+        scheduler.step_update(start_epoch * steps_per_epoch + start_step)
+    else:
+        scheduler.step(start_epoch)
+
+    # ---------------------------------------------------------------- output
+    out_dir = None
+    if args.experiment:
+        out_dir = os.path.join(args.output, args.experiment)
+    elif args.resume:
+        out_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        out_dir = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
+    out_dir = os.path.abspath(out_dir)
+    saver = runlog = None
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if not args.resume:
+            stale = [f for f in ("checkpoints.json", "summary.csv") if os.path.exists(os.path.join(out_dir, f))]
+            if stale:
+                _logger.warning("%s holds an earlier run; starting a new one there (use --resume to continue it)",
+                                out_dir)
+                for f in stale:
+                    os.unlink(os.path.join(out_dir, f))
+        with open(os.path.join(out_dir, "args.yaml"), "w") as f:
+            yaml.safe_dump(_plain_args(args), f, sort_keys=True)
+        saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
+        runlog = RunLog(out_dir, tensorboard=not args.no_tensorboard)
+    _logger.info("output: %s | %d process(es) on %s | precision: %s | global batch %d, lr %.4g | %d epochs x %d "
+                 "steps | %s", out_dir, world_size, device, amp_note, global_batch, lr, num_epochs, steps_per_epoch,
+                 "demo dataset" if demo else data_root)
+
+    eval_on_ema = model_ema is not None
+    train_state = {"loss_sum": 0.0, "count": 0}
+    if resume_ckpt is not None:
+        if start_step and resume_ckpt.get("train_state"):
+            train_state = dict(resume_ckpt["train_state"])
+        if resume_ckpt.get("rng_state") is not None:
+            rs = resume_ckpt["rng_state"]
+            set_rng_state(rs[rank] if isinstance(rs, list) and rank < len(rs) else rs if isinstance(rs, dict) else rs[0])
+    resume_ckpt = None
+
+    def make_state(epoch: int, step: int, metrics: Optional[Dict] = None) -> Dict:
+        st = {
+            "version": CKPT_VERSION, "arch": args.model, "args": _plain_args(args), "epoch": epoch, "step": step,
+            "num_classes": num_classes, "class_names": train_ds.classes, "model_kwargs": dict(args.model_kwargs),
+            "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "state_dict_ema": unwrap(model_ema.module).state_dict() if model_ema is not None else None,
+            "eval_on_ema": eval_on_ema, "data_config": dict(data_config),
+        }
+        if metrics is not None:
+            st["metric"] = metrics[args.eval_metric]
+            st["metrics"] = metrics
+        return st
+
+    def gather_rng() -> object:
+        st = rng_state()
+        if not distributed:
+            return st
+        out = [None] * world_size
+        dist.all_gather_object(out, st)
+        return out
+
+    stopped = {"flag": False}
+    old_handler = None
+    if not distributed:
+        def _on_signal(signum, frame):  # finish the current step, write last.pth.tar, exit
+            stopped["flag"] = True
+            _logger.warning("signal %d: saving last.pth.tar after this step and stopping", signum)
+        try:
+            old_handler = signal.signal(signal.SIGTERM, _on_signal)
+        except ValueError:  # not the main thread
+            pass
+
+    best = None
+    metrics_hist = []
+    global_step = start_epoch * steps_per_epoch + start_step
+    total_steps = num_epochs * steps_per_epoch
+    run_t0 = time.time()
+    run_steps_done = 0
+    interrupted = False
+    for epoch in range(start_epoch, num_epochs):
+        step0 = start_step if epoch == start_epoch else 0
+        if step0 == 0:
+            train_state = {"loss_sum": 0.0, "count": 0}
+        train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
+        train_ds.set_epoch(epoch)
+        model.train()
+        ep_t0 = time.time()
+        seen = 0
+        for i, (images, target) in enumerate(train_loader, start=step0):
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                output = model(images)
+                loss = train_loss_fn(output.float(), target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or use "
+                                         f"--clip-grad")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if args.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    _clip(model, args)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if args.clip_grad is not None:
+                    _clip(model, args)
+                optimizer.step()
+            if model_ema is not None:
+                model_ema.update(unwrap(model), step=global_step) if _ema_takes_step() else model_ema.update(unwrap(model))
+            global_step += 1
+            run_steps_done += 1
+            seen += images.shape[0]
+            train_state["loss_sum"] += loss.item() * images.shape[0]
+            train_state["count"] += images.shape[0]
+            if args.sched_on_updates:
+                scheduler.step_update(global_step)
+            last_step = i + 1 == steps_per_epoch
+            if rank == 0 and args.log_interval and ((i + 1) % args.log_interval == 0 or last_step):
+                el = time.time() - ep_t0
+                rate = seen * world_size / max(el, 1e-9)
+                per_step = (time.time() - run_t0) / max(run_steps_done, 1)
+                _logger.info("Train: %d [%4d/%d (%3.0f%%)]  loss %.4f (%.4f)  lr %.3e  %.1f img/s  ETA epoch %s  "
+                             "run %s", epoch, i + 1, steps_per_epoch, 100.0 * (i + 1) / steps_per_epoch, loss.item(),
+                             train_state["loss_sum"] / max(train_state["count"], 1),
+                             optimizer.param_groups[0]["lr"], rate, fmt_time(per_step * (steps_per_epoch - i - 1)),
+                             fmt_time(per_step * (total_steps - global_step)))
+                runlog.step("train/loss", loss.item(), global_step)
+            want_stop = bool(args.stop_after_steps and global_step >= args.stop_after_steps and not last_step)
+            want_stop = want_stop or stopped["flag"]
+            periodic = bool(args.checkpoint_interval and (i + 1) % args.checkpoint_interval == 0 and not last_step)
+            if want_stop or periodic:
+                rng = gather_rng()
+                if rank == 0:
+                    st = make_state(epoch, i + 1)
+                    st["train_state"] = dict(train_state)
+                    st["rng_state"] = rng
+                    saver.save_last(st)
+                    _logger.info("saved mid-epoch checkpoint %s (epoch %d, step %d)", saver.last_path, epoch, i + 1)
+            if want_stop:
+                interrupted = True
+                break
+            if last_step:
+                break
+        if interrupted:
+            break
+
+        if distributed and args.dist_bn:
+            distribute_bn(model, world_size, args.dist_bn == "reduce")
+        ev = evaluate(model, val_loader, device, amp_dtype, args.channels_last, distributed)
+        row = {"epoch": epoch, "train_loss": train_state["loss_sum"] / max(train_state["count"], 1),
+               "eval_loss": ev["loss"], "eval_top1": ev["top1"], "eval_top5": ev["top5"],
+               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - ep_t0, 2)}
+        metrics = ev
+        if model_ema is not None:
+            if distributed and args.dist_bn:
+                distribute_bn(model_ema, world_size, args.dist_bn == "reduce")
+            ev_ema = evaluate(model_ema.module, val_loader, device, amp_dtype, args.channels_last, distributed)
+            row.update({"ema_eval_loss": ev_ema["loss"], "ema_eval_top1": ev_ema["top1"],
+                        "ema_eval_top5": ev_ema["top5"]})
+            metrics = ev_ema
+        if not args.sched_on_updates:
+            scheduler.step(epoch + 1, metrics[args.eval_metric])
+        _logger.info("Epoch %d: train loss %.4f | val loss %.4f top-1 %.3f top-5 %.3f%s | %.1fs", epoch,
+                     row["train_loss"], ev["loss"], ev["top1"], ev["top5"],
+                     f" | EMA top-1 {row['ema_eval_top1']:.3f}" if model_ema is not None else "",
+                     row["epoch_time_s"])
+        rng = gather_rng()
+        if rank == 0:
+            st = make_state(epoch, 0, {k: metrics[k] for k in ("loss", "top1", "top5")})
+            st["rng_state"] = rng
+            best = saver.save_epoch(st, epoch, metrics[args.eval_metric])
+            runlog.epoch(row)
+        metrics_hist.append(row)
+        if stopped["flag"] or (args.stop_after_steps and global_step >= args.stop_after_steps
+                               and epoch + 1 < num_epochs):
+            interrupted = True
+            break
+
+    if old_handler is not None:
+        signal.signal(signal.SIGTERM, old_handler)
+    result = {"output": out_dir, "interrupted": interrupted, "history": metrics_hist, "global_step": global_step}
+    if rank == 0:
+        runlog.close()
+        if saver.best is not None:
+            result.update(best_metric=saver.best[0], best_epoch=saver.best[1], best_checkpoint=saver.best_path)
+            name = "top-1" if args.eval_metric == "top1" else args.eval_metric
+            if interrupted:
+                _logger.info("stopped at step %d; resume with --resume %s", global_step, saver.last_path)
+            print(f"best {name}: {saver.best[0]:.3f} (epoch {saver.best[1]}) checkpoint: {saver.best_path}",
+                  flush=True)
+        elif interrupted:
+            print(f"stopped at step {global_step} before the first epoch ended; resume with --resume "
+                  f"{saver.last_path}", flush=True)
+    barrier(distributed)
+    return result
+
+
+def _ema_takes_step() -> bool:
+    import inspect
+    return "step" in inspect.signature(ModelEma.update).parameters
+
+
+def _clip(model: nn.Module, args) -> None:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if args.clip_mode == "norm":
+        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+    else:
+        torch.nn.utils.clip_grad_value_(params, args.clip_grad)
+
+
+def _plain_args(args) -> Dict:
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
