@@ -24,7 +24,7 @@ def _extension_kwargs():
     here = os.path.dirname(os.path.abspath(__file__))
     include_dirs = [os.path.join(here, "ddf", "csrc")]
     sources = ["ddf/csrc/ddf.cpp"]
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
     build_cuda = os.environ.get("DDF_BUILD_CUDA", "1") != "0" and cpp_extension.CUDA_HOME is not None
     if build_cuda:
         sources.append("ddf/csrc/ddf_cuda.cu")

@@ -63,7 +63,7 @@ def _load_jit(verbose: bool = False):
     from torch.utils import cpp_extension
 
     sources = [os.path.join(_SRC_DIR, "ddf.cpp")]
-    cflags = ["-O3"]
+    cflags = ["-O3"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
     with_cuda = (
         torch.cuda.is_available()
         and cpp_extension.CUDA_HOME is not None

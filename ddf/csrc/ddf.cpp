@@ -23,6 +23,23 @@
 #define DDF_RESTRICT
 #endif
 
+// The per-thread loop bodies are compiled twice on x86-64 with GCC >= 12 (AVX2+FMA and baseline SSE2) and the
+// best one is picked at load time (function multiversioning); elsewhere they are compiled once.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__) && \
+    !defined(DDF_NO_MULTIVERSION)
+#define DDF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DDF_MULTIVERSION
+#endif
+
+// Vectorised sum reductions (reassociation allowed for this loop only); active with -fopenmp-simd.
+#if defined(_OPENMP) || defined(__GNUC__)
+#define DDF_PRAGMA(x) _Pragma(#x)
+#define DDF_SIMD_SUM(var) DDF_PRAGMA(omp simd reduction(+ : var))
+#else
+#define DDF_SIMD_SUM(var)
+#endif
+
 namespace ddf {
 namespace {
 
@@ -59,7 +76,7 @@ void forward_nchw(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
   const scalar_t* sp_data = sp.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
-  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     std::vector<acc_t> row(g.Wo);
     std::vector<acc_t> chv(g.kk);
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -128,7 +145,7 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
   const int64_t isB = input.stride(0), isH = input.stride(2), isW = input.stride(3);
   const int64_t osB = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t ssB = sp.stride(0), ssC = sp.stride(1), ssH = sp.stride(2), ssW = sp.stride(3);
-  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     std::vector<acc_t> accv(g.C);
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / g.Ho, y = by % g.Ho;
@@ -180,7 +197,7 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
   const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
 
-  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     std::vector<acc_t> plane(HW);
     std::vector<acc_t> chv(g.kk), gcv(g.kk);
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -222,9 +239,19 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
                 gp_row[x * g.s + off] += gv * (MUL ? sv * cj : sv + cj);
               }
             }
-            for (int64_t x = x0; x < x1; ++x) {
-              const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]);
-              sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
+            if (g.s == 1) {
+              const scalar_t* DDF_RESTRICT src = in_row + off;
+              DDF_SIMD_SUM(sum)
+              for (int64_t x = x0; x < x1; ++x) {
+                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(src[x]);
+                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
+              }
+            } else {
+              DDF_SIMD_SUM(sum)
+              for (int64_t x = x0; x < x1; ++x) {
+                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]);
+                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
+              }
             }
             gcv[j] += sum;
           }
@@ -236,7 +263,7 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
     }
   });
 
-  at::parallel_for(0, g.B * g.head * g.Ho, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.head * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     std::vector<acc_t> buf(g.kk * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t y = task % g.Ho, bh = task / g.Ho, b = bh / g.head, h = bh % g.head;
@@ -299,7 +326,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   const int64_t kkC = g.kk * g.C;
   std::vector<acc_t> partial(g.B * g.Ho * kkC);
 
-  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / g.Ho, y = by % g.Ho;
       const acc_t* chb = chT.data() + b * kkC;
@@ -325,6 +352,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
               const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
               const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
               acc_t sum = 0;
+              DDF_SIMD_SUM(sum)
               for (int64_t c = c0; c < c1; ++c) {
                 const acc_t gi = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(px[c]);
                 sum += MUL ? gi * cj[c] : gi;
@@ -338,7 +366,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
     }
   });
 
-  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / g.C, c = bc % g.C;
       for (int64_t j = 0; j < g.kk; ++j) {
@@ -349,7 +377,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
     }
   });
 
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
     std::vector<acc_t> accv(g.C);
     for (int64_t bi = begin; bi < end; ++bi) {
       const int64_t b = bi / g.H, iy = bi % g.H;
