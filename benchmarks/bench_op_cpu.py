@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-reference", action="store_true", help="skip the (slow, memory hungry) reference rows")
-    p.add_argument("--save", metavar="DIR", help="write the table to DIR/cpu_op_<date>.md")
+    p.add_argument("--save", metavar="DIR", help="append the table to DIR/cpu_op_<date>.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +100,7 @@ def main(argv=None):
 
         return run
 
+    load_before = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     rows = []
     with torch.no_grad():
         t_conv = timeit(lambda: conv_fwd(x, wdw), args.repeat)
@@ -126,6 +127,7 @@ def main(argv=None):
         "",
         f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores), torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, backend: {ddf.backend_info()}",
+        f"- 1/5/15-min load average before the run: {load_before} (other jobs share this machine)",
         f"- input {B}x{C}x{H}x{W} {args.dtype} {'channels_last' if args.channels_last else 'contiguous'}, "
         f"k={k} dilation={d} stride={s} head={h} combine={args.combine}; median of {args.repeat} runs",
         "",
@@ -139,9 +141,13 @@ def main(argv=None):
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         path = os.path.join(args.save, f"cpu_op_{datetime.date.today().isoformat()}.md")
+        previous = ""
+        if os.path.exists(path):  # several runs on one day (e.g. both layouts) go into one file
+            with open(path) as f:
+                previous = f.read().rstrip("\n") + "\n\n"
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(text + "\n")
+            f.write(previous + text + "\n")
         os.replace(tmp, path)
         print(f"saved {path}")
     if not ops.compiled_available():
