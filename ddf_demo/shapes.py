@@ -1,7 +1,11 @@
-"""Procedurally drawn demo dataset: 10 classes of shapes as real JPEG files.
+"""Procedurally drawn demo dataset: 10 classes of textures (default) or shapes, as real JPEG files.
 
-Each image shows one shape (the class) with random position, size, rotation, colours, background clutter
-and pixel noise, drawn with PIL ImageDraw. Files are written in the same layout as ImageNet::
+``kind='textures'`` (default, used by the demo): each image holds a patch of one texture (the class: stripes in
+four orientations, checkerboard, dots, rings, grid, spokes, flat) at a random position and size, with random
+colours, period, phase, small rotation, background clutter lines and pixel noise. Textures are local patterns, so
+a small CNN learns them in a few CPU minutes. ``kind='shapes'``: one shape (circle, star, ...) with random
+position, size, rotation and colours, drawn with PIL ImageDraw (harder: needs far more epochs).
+Files are written in the same layout as ImageNet::
 
     <root>/train/<class>/<n>.jpeg
     <root>/val/<class>/<n>.jpeg
@@ -27,7 +31,12 @@ CLASSES = (
 )
 
 DEFAULT_ROOT = os.path.join("data", "ddf_demo")
-DEFAULTS = dict(train_per_class=300, val_per_class=60, img_size=64, seed=0, version=1)
+TEXTURE_CLASSES = (
+    "hstripes", "vstripes", "diagonal", "antidiagonal", "checker",
+    "dots", "rings", "grid", "spokes", "flat",
+)
+
+DEFAULTS = dict(train_per_class=300, val_per_class=60, img_size=32, seed=0, kind="textures", version=2)
 _MARKER = "ddf_demo.json"
 
 
@@ -109,6 +118,69 @@ def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def draw_texture(label: int, size: int, rng: random.Random) -> Image.Image:
+    """Draw one sample of texture class ``label`` as a ``size`` x ``size`` RGB image."""
+    import numpy as np
+    if not 0 <= label < len(TEXTURE_CLASSES):
+        raise ValueError(f"label must be in [0, {len(TEXTURE_CLASSES)}), got {label}")
+    name = TEXTURE_CLASSES[label]
+    outside = _rand_colour(rng)
+    c0 = _rand_colour(rng)
+    c1 = _far_colour(rng, c0)
+    img = Image.new("RGB", (size, size), outside)
+    d = ImageDraw.Draw(img)
+    for _ in range(rng.randint(0, 3)):
+        d.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)], fill=_rand_colour(rng), width=1)
+    # the textured patch: random size (55-100% of each side) and position
+    pw, ph = (max(4, int(size * rng.uniform(0.55, 1.0))) for _ in range(2))
+    px, py = rng.randint(0, size - pw), rng.randint(0, size - ph)
+    period = rng.uniform(0.13, 0.28) * size
+    theta = math.radians(rng.uniform(-12, 12))
+    yy, xx = np.mgrid[0:ph, 0:pw].astype(np.float64)
+    xx += rng.uniform(0, period)
+    yy += rng.uniform(0, period)
+    xr = xx * math.cos(theta) - yy * math.sin(theta)
+    yr = xx * math.sin(theta) + yy * math.cos(theta)
+    w = 2 * math.pi / period
+    if name == "hstripes":
+        mask = np.sin(w * yr) > 0
+    elif name == "vstripes":
+        mask = np.sin(w * xr) > 0
+    elif name == "diagonal":
+        mask = np.sin(w * (xr + yr) / math.sqrt(2)) > 0
+    elif name == "antidiagonal":
+        mask = np.sin(w * (xr - yr) / math.sqrt(2)) > 0
+    elif name == "checker":
+        mask = np.sin(w * xr) * np.sin(w * yr) > 0
+    elif name == "dots":
+        fx, fy = np.mod(xr, period) - period / 2, np.mod(yr, period) - period / 2
+        mask = fx ** 2 + fy ** 2 < (0.3 * period) ** 2
+    elif name == "rings":
+        cx, cy = rng.uniform(0, pw), rng.uniform(0, ph)
+        mask = np.sin(w * np.hypot(xx - cx, yy - cy)) > 0
+    elif name == "grid":
+        lw = max(1.0, 0.22 * period)
+        mask = (np.mod(xr, period) < lw) | (np.mod(yr, period) < lw)
+    elif name == "spokes":
+        cx, cy = rng.uniform(0.3 * pw, 0.7 * pw), rng.uniform(0.3 * ph, 0.7 * ph)
+        n = rng.randint(5, 9)
+        mask = np.sin(n * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 2 * math.pi)) > 0
+    else:  # flat
+        mask = np.zeros((ph, pw), dtype=bool)
+    patch = np.where(mask[..., None], np.array(c1, np.uint8), np.array(c0, np.uint8)).astype(np.uint8)
+    img.paste(Image.fromarray(patch, "RGB"), (px, py))
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.2, 0.6)))
+    noise = Image.frombytes("L", (size, size), rng.randbytes(size * size)).convert("RGB")
+    return Image.blend(img, noise, rng.randint(5, 30) / 255.0)
+
+
+def class_names(kind: str = "textures"):
+    if kind not in ("textures", "shapes"):
+        raise ValueError(f"kind must be 'textures' or 'shapes', got {kind!r}")
+    return TEXTURE_CLASSES if kind == "textures" else CLASSES
+
+
 def _params(**overrides) -> Dict:
     p = dict(DEFAULTS)
     p.update({k: v for k, v in overrides.items() if v is not None})
@@ -127,27 +199,30 @@ def is_built(root: str, **overrides) -> bool:
 
 
 def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, val_per_class: int = None,
-                       img_size: int = None, seed: int = None, verbose: bool = True) -> str:
+                       img_size: int = None, seed: int = None, verbose: bool = True, kind: str = None) -> str:
     """Build the demo dataset under ``root`` unless an identical one is already there. Returns ``root``."""
-    params = _params(train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed)
+    params = _params(train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed,
+                     kind=kind)
+    names = class_names(params["kind"])
+    draw = draw_texture if params["kind"] == "textures" else draw_shape
     root = os.path.abspath(root)
     if is_built(root, **params):
         return root
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     if verbose:
-        print(f"Building demo dataset in {root} ({len(CLASSES)} classes, {params['train_per_class']} train / "
+        print(f"Building demo dataset in {root} ({len(names)} {params['kind']} classes, {params['train_per_class']} train / "
               f"{params['val_per_class']} val images per class, {params['img_size']}px) ...", flush=True)
     tmp = tempfile.mkdtemp(prefix=".ddf_demo_tmp_", dir=parent)
     try:
         for split, n, split_seed in (("train", params["train_per_class"], params["seed"]),
                                      ("val", params["val_per_class"], params["seed"] + 1_000_003)):
-            for label, name in enumerate(CLASSES):
+            for label, name in enumerate(names):
                 cdir = os.path.join(tmp, split, name)
                 os.makedirs(cdir)
                 rng = random.Random(split_seed * 1000 + label)
                 for i in range(n):
-                    img = draw_shape(label, params["img_size"], rng)
+                    img = draw(label, params["img_size"], rng)
                     img.save(os.path.join(cdir, f"{name}_{i:05d}.jpeg"), quality=90)
         with open(os.path.join(tmp, _MARKER), "w") as f:
             json.dump(params, f)
