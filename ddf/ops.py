@@ -135,7 +135,7 @@ def _init():
         mod = _load_prebuilt()
         _state.update(kind="compiled", where="ddf._C", cuda=bool(mod.cuda_built()), module=mod)
         return
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
         errors.append(f"prebuilt ddf._C not importable ({exc})")
     if os.environ.get("DDF_JIT", "1") != "0":
         try:
