@@ -334,9 +334,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     distributed, world_size, rank, local_rank, device = init_distributed(args)
     setup_logging(rank)
+    det_before = torch.are_deterministic_algorithms_enabled()
+    cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         return _run(args, distributed, world_size, rank, device)
-    finally:
+    finally:  # leave the process as found (train.main() is also called in-process by the tests)
+        torch.use_deterministic_algorithms(det_before)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
