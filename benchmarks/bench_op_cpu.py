@@ -123,7 +123,7 @@ def main(argv=None):
         return "-" if t is None else f"{t / base:.2f}x"
 
     lines = [
-        f"DDF op CPU benchmark, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"## DDF op CPU benchmark, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
         f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores), torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, backend: {ddf.backend_info()}",
