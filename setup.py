@@ -25,7 +25,13 @@ def _extension_kwargs():
     include_dirs = [os.path.join(here, "ddf", "csrc")]
     sources = ["ddf/csrc/ddf.cpp"]
     cxx_flags = ["-O3"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
-    build_cuda = os.environ.get("DDF_BUILD_CUDA", "1") != "0" and cpp_extension.CUDA_HOME is not None
+    cuda_home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from `which nvcc`; a wrapper script there can point to a directory without headers
+    cuda_ok = cuda_home is not None and os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))
+    build_cuda = os.environ.get("DDF_BUILD_CUDA", "1") != "0" and cuda_ok
+    if cuda_home is not None and not cuda_ok and os.environ.get("DDF_BUILD_CUDA", "1") != "0":
+        print(f"ddf setup: CUDA_HOME={cuda_home} has no include/cuda_runtime.h; set CUDA_HOME to the toolkit "
+              "to build the CUDA kernels")
     if build_cuda:
         sources.append("ddf/csrc/ddf_cuda.cu")
         cxx_flags.append("-DDDF_WITH_CUDA")
@@ -37,7 +43,8 @@ def _extension_kwargs():
         )
     else:
         if os.environ.get("DDF_BUILD_CUDA") == "1":
-            raise RuntimeError("DDF_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+            raise RuntimeError(f"DDF_BUILD_CUDA=1 but no usable CUDA toolkit was found (CUDA_HOME={cuda_home}); "
+                               "set CUDA_HOME to the toolkit directory")
         ext = cpp_extension.CppExtension("ddf._C", sources, include_dirs=include_dirs,
                                          extra_compile_args={"cxx": cxx_flags})
     print(f"ddf setup: building ddf._C ({'C++ + CUDA' if build_cuda else 'C++ only'})")

@@ -67,6 +67,7 @@ def _load_jit(verbose: bool = False):
     with_cuda = (
         torch.cuda.is_available()
         and cpp_extension.CUDA_HOME is not None
+        and os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h"))
         and os.environ.get("DDF_BUILD_CUDA", "1") != "0"
     )
     if with_cuda:
