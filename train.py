@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-train-per-class", type=int, default=None)
     g.add_argument("--demo-val-per-class", type=int, default=None)
     g.add_argument("--demo-img-size", type=int, default=None)
-    g.add_argument("-j", "--workers", type=int, default=4, help="data loader worker processes per rank")
+    g.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader worker processes per rank")
     g.add_argument("--pin-mem", action="store_true", default=False)
     g.add_argument("--no-prefetcher", action="store_true", default=False, help="accepted for compatibility; no effect")
 
@@ -483,6 +484,10 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
     else:
         train_loss_fn = nn.CrossEntropyLoss()
 
+    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        _logger.warning("--warmup-epochs %d >= --epochs %d: warming up for %d epoch(s) instead", args.warmup_epochs,
+                        args.epochs, args.epochs - 1)
+        args.warmup_epochs = args.epochs - 1
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,

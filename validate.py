@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --checkpoint: timm pretrained weights (where the model has a source)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("-b", "--batch-size", type=int, default=256)
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
     p.add_argument("--crop-pct", type=float, default=None)
