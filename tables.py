@@ -83,8 +83,8 @@ TITLES = {
 
 NOTES = {
     "4": ("DDF-R18: a DDF keeps the channel count, so conv1 of the three downsampling blocks (C -> 2C) stays a "
-          "standard 3x3 conv and every other 3x3 conv is a DDF (docs/models.md). The paper's 0.4B FLOPs matches "
-          "this choice; its 7.7M params does not (see docs/models.md for the analysis)."),
+          "standard 3x3 conv and every other 3x3 conv is a DDF (README.md, section 'DDF modules and DDF-ResNets'). The paper's 0.4B FLOPs matches "
+          "this choice; its 7.7M params does not (see README.md, section 'DDF modules and DDF-ResNets' for the analysis)."),
 }
 
 

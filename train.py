@@ -8,7 +8,7 @@
 
 Built from timm's library pieces (create_model, transforms, Mixup/CutMix, create_optimizer_v2,
 create_scheduler_v2, ModelEmaV3, distribute_bn) plus our own loop, data checks, atomic checkpoints and resume.
-See docs/training.md.
+See README.md, "Training and validation".
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
     python validate.py /data/imagenet --checkpoint a.pth.tar b.pth.tar --results-file results.csv
 
 Checkpoints: ours (train.py; 'arch', 'args', 'state_dict', 'state_dict_ema'), timm-style training checkpoints,
-or a bare state dict (the released weights; then --model is required). See docs/training.md.
+or a bare state dict (the released weights; then --model is required). See README.md, "Training and validation".
 """
 from __future__ import annotations
 

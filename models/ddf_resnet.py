@@ -11,7 +11,7 @@ Which convs become DDF
 * BasicBlock (R18/34, tiny): ``conv2`` always (planes -> planes), and ``conv1`` whenever it keeps
   the channel count (every block except the first block of stages 2-4). A DDF cannot change the
   channel count, so ``conv1`` of a downsampling block (C -> 2C, stride 2) stays a standard 3x3
-  conv. See docs/models.md for the resulting size beside the paper's DDF-R18.
+  conv. See README.md, section 'DDF modules and DDF-ResNets' for the resulting size beside the paper's DDF-R18.
 
 Ablations (paper Table 3) are kwargs of every model: ``filters='both'|'spatial'|'channel'``,
 ``normalization='filter_norm'|'batch_norm'|'sigmoid'``, ``se_ratio=0.2``.
@@ -155,7 +155,7 @@ def _create_ddf_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResN
     if pretrained and not _has_weights_source(kwargs):
         raise ValueError(
             f"{variant}: the released weights cannot be downloaded automatically. Download them "
-            "(links in docs/models.md) and pass pretrained_cfg_overlay=dict(file=PATH) together with "
+            "(links in README.md, section 'DDF modules and DDF-ResNets') and pass pretrained_cfg_overlay=dict(file=PATH) together with "
             "pretrained=True, or use checkpoint_path=PATH.")
     block_args = dict(kwargs.pop("block_args", None) or {})
     for key in DDF_BLOCK_KWARGS:
