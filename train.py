@@ -45,7 +45,7 @@ except ImportError:  # older timm
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf_demo.ckpt import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
 from ddf_demo.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
-                             resolve_amp)
+                             resolve_amp, run_cli)
 from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
 from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
 from ddf_demo.shapes import build_demo_dataset
@@ -725,8 +725,4 @@ def _plain_args(args) -> Dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

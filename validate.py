@@ -26,7 +26,7 @@ from timm.data import resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf_demo.ckpt import extract_state_dict, load_checkpoint_file
-from ddf_demo.common import eval_transform, evaluate, parse_kv, resolve_amp
+from ddf_demo.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
 from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
 from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
 from ddf_demo.shapes import build_demo_dataset
@@ -223,8 +223,4 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .data import DatasetError
 
 _logger = logging.getLogger("ddf")
 
@@ -112,3 +115,12 @@ def fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's ``main()``; a user error (bad data path, bad argument) prints one line and exits with 2."""
+    try:
+        main()
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
