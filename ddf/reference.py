@@ -1,20 +1,71 @@
 """Plain PyTorch reference implementation of the DDF operation.
 
-This is the ground truth every compiled backend is tested against, and the
-fallback used when no compiled extension is available. It is written for
-readability, not speed: it materialises the unfolded input (B, C, k*k, Ho*Wo).
+This is the ground truth every backend is tested against, and the kernel of the ``reference`` backend. It is
+written for readability, not speed: it materialises the unfolded input (B, C, k*k, Ho*Wo).
 
     out[b, c, y, x] = sum_j  sp[b, head(c)*k*k + j, y, x]  (*|+)  ch[b, c, j]
                              * in[b, c, y*s + (jy - (k-1)/2)*d, x*s + (jx - (k-1)/2)*d]
 
-with zero padding outside the image.
+with zero padding outside the image. A tap that falls on the padding is skipped: it contributes exactly 0 even
+when the filter value there is Inf/NaN. With ``spatial_norm=True`` the spatial filter holds raw taps that are
+first normalised per (b, head, pixel) by :func:`spatial_filter_norm` (FilterNorm, paper Eq. 3).
+Half-precision inputs are computed in float32 and cast back.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ddf_reference", "ddf_reference_backward"]
+from ._checks import COMBINE_NAMES, FILTER_NORM_EPS, memory_format_of, out_size
+
+__all__ = ["ddf_reference", "ddf_reference_backward", "spatial_filter_norm", "filter_norm"]
+
+
+def filter_norm(x: torch.Tensor, dim: int, eps: float = FILTER_NORM_EPS) -> torch.Tensor:
+    """(x - mean) / (unbiased std + eps) over ``dim`` (paper Eq. 3 without the scale), in x's dtype."""
+    x = x - x.mean(dim=dim, keepdim=True)
+    return x / (x.std(dim=dim, keepdim=True) + eps)
+
+
+def spatial_filter_norm(spatial_filter: torch.Tensor, head: int, kernel_size: int, gain: float = 1.0) -> torch.Tensor:
+    """FilterNorm of a spatial filter (B, head*k*k, H, W): each pixel's k*k taps of a head, times ``gain``."""
+    b, _, h, w = spatial_filter.shape
+    kk = kernel_size * kernel_size
+    y = filter_norm(spatial_filter.reshape(b, head, kk, h, w), dim=2)
+    return y.reshape(b, head * kk, h, w) * gain
+
+
+def _combine_name(kernel_combine):
+    return COMBINE_NAMES[kernel_combine] if isinstance(kernel_combine, int) else kernel_combine
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _prepare(input, channel_filter, spatial_filter, k, dilation, stride, head, spatial_norm, spatial_gain):
+    """Unfolded input (B, head, C/head, kk, Ho, Wo), filters broadcastable to it, and the in-image tap mask."""
+    B, C, H, W = input.shape
+    kk = k * k
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
+    dtype = _compute_dtype(input)
+    x = input.to(dtype)
+    sp = spatial_filter.to(dtype)
+    if spatial_norm:
+        sp = spatial_filter_norm(sp, head, k, spatial_gain)
+    pad = (k - 1) * dilation // 2
+    unfold = dict(kernel_size=k, dilation=dilation, padding=pad, stride=stride)
+    cols = F.unfold(x, **unfold).view(B, head, C // head, kk, Ho, Wo)
+    valid = F.unfold(torch.ones((1, 1, H, W), dtype=dtype, device=x.device), **unfold).view(1, 1, 1, kk, Ho, Wo) > 0
+    sp = sp.reshape(B, head, 1, kk, Ho, Wo)
+    ch = channel_filter.to(dtype).reshape(B, head, C // head, kk, 1, 1)
+    return cols, ch, sp, valid
+
+
+def _empty_result(input, channel_filter, spatial_filter, stride):
+    B, C, H, W = input.shape
+    out = torch.zeros((B, C, out_size(H, stride), out_size(W, stride)), dtype=input.dtype, device=input.device)
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 def ddf_reference(
@@ -25,43 +76,23 @@ def ddf_reference(
     dilation: int = 1,
     stride: int = 1,
     head: int = 1,
-    kernel_combine: str = "mul",
+    kernel_combine="mul",
+    spatial_norm: bool = False,
+    spatial_gain: float = 1.0,
 ) -> torch.Tensor:
-    """Reference DDF. Arguments are assumed valid (see :func:`ddf.ddf` for checks).
+    """Reference DDF. Arguments are assumed valid (see :func:`ddf.ddf` for checks); differentiable.
 
-    Half-precision inputs are computed in float32 and cast back.
+    ``kernel_combine`` is ``'mul'``/``'add'`` or its op code 0/1. The output keeps the input's memory format.
     """
-    B, C, H, W = input.shape
-    k = kernel_size
-    kk = k * k
-    Ho = (H - 1) // stride + 1
-    Wo = (W - 1) // stride + 1
-    out_dtype = input.dtype
-    compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-    x = input.to(compute_dtype)
-    ch = channel_filter.to(compute_dtype)
-    sp = spatial_filter.to(compute_dtype)
-
-    pad = (k - 1) * dilation // 2
-    cols = F.unfold(x, kernel_size=k, dilation=dilation, padding=pad, stride=stride)
-    cols = cols.view(B, head, C // head, kk, Ho, Wo)
-    sp = sp.reshape(B, head, 1, kk, Ho, Wo)
-    ch = ch.reshape(B, head, C // head, kk, 1, 1)
-    if kernel_combine == "mul":
-        filt = sp * ch
-    else:
-        filt = sp + ch
-    out = (cols * filt).sum(dim=3).reshape(B, C, Ho, Wo)
-    out = out.to(out_dtype)
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _memory_format(t: torch.Tensor):
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    if input.numel() == 0 or spatial_filter.numel() == 0:
+        return _empty_result(input, channel_filter, spatial_filter, stride)
+    B, C = input.shape[:2]
+    cols, ch, sp, valid = _prepare(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head,
+                                   spatial_norm, spatial_gain)
+    filt = sp * ch if _combine_name(kernel_combine) == "mul" else sp + ch
+    filt = torch.where(valid, filt, torch.zeros((), dtype=filt.dtype, device=filt.device))
+    out = (cols * filt).sum(dim=3).reshape(B, C, cols.shape[-2], cols.shape[-1]).to(input.dtype)
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 def ddf_reference_backward(
@@ -73,40 +104,28 @@ def ddf_reference_backward(
     dilation: int = 1,
     stride: int = 1,
     head: int = 1,
-    kernel_combine: str = "mul",
+    kernel_combine="mul",
+    spatial_norm: bool = False,
+    spatial_gain: float = 1.0,
+    create_graph: bool = False,
 ):
-    """Explicit (autograd-free) gradients of :func:`ddf_reference` w.r.t. input, channel and spatial filter.
+    """Gradients of :func:`ddf_reference` w.r.t. input, channel filter and (raw) spatial filter.
 
-    Used as the kernel of ``torch.ops.ddf.ddf_backward`` when the compiled extension is unavailable.
-    Gradients keep the layout rule of the compiled op: grad_input follows the input's memory format,
-    grad_spatial the spatial filter's, grad_channel is contiguous.
+    Computed by autograd through the reference. With ``create_graph=True`` the caller passes tensors that require
+    grad and gets gradients that are differentiable again (used for double backward). Gradients keep the op's
+    layout rule: grad_input follows the input's memory format, grad_spatial the spatial filter's, grad_channel is
+    contiguous.
     """
-    B, C, H, W = input.shape
-    k = kernel_size
-    kk = k * k
-    Ho = (H - 1) // stride + 1
-    Wo = (W - 1) // stride + 1
-    out_dtype = input.dtype
-    compute_dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-    x = input.to(compute_dtype)
-    go = grad_output.to(compute_dtype).reshape(B, head, C // head, 1, Ho, Wo)
-    ch = channel_filter.to(compute_dtype).reshape(B, head, C // head, kk, 1, 1)
-    sp = spatial_filter.to(compute_dtype).reshape(B, head, 1, kk, Ho, Wo)
-    pad = (k - 1) * dilation // 2
-    cols = F.unfold(x, kernel_size=k, dilation=dilation, padding=pad, stride=stride).view(B, head, C // head, kk, Ho, Wo)
-    filt = sp * ch if kernel_combine == "mul" else sp + ch
-    gcols = (go * filt).reshape(B, C * kk, Ho * Wo)
-    grad_input = F.fold(gcols, output_size=(H, W), kernel_size=k, dilation=dilation, padding=pad, stride=stride)
-    gfilt = go * cols  # (B, head, Cg, kk, Ho, Wo)
-    if kernel_combine == "mul":
-        grad_spatial = (gfilt * ch).sum(dim=2)
-        grad_channel = (gfilt * sp).sum(dim=(4, 5))
+    tensors = (input, channel_filter, spatial_filter)
+    if input.numel() == 0 or spatial_filter.numel() == 0:
+        grads = [torch.zeros_like(t) for t in tensors]
     else:
-        grad_spatial = gfilt.sum(dim=2)
-        grad_channel = gfilt.sum(dim=(4, 5))
-    grad_input = grad_input.to(out_dtype).contiguous(memory_format=_memory_format(input))
-    grad_channel = grad_channel.reshape(B, C, k, k).to(out_dtype).contiguous()
-    grad_spatial = (
-        grad_spatial.reshape(B, head * kk, Ho, Wo).to(out_dtype).contiguous(memory_format=_memory_format(spatial_filter))
-    )
-    return grad_input, grad_channel, grad_spatial
+        with torch.enable_grad():
+            leaves = [t if create_graph else t.detach().requires_grad_(True) for t in tensors]
+            out = ddf_reference(*leaves, kernel_size, dilation, stride, head, kernel_combine, spatial_norm,
+                                spatial_gain)
+            grads = torch.autograd.grad(out, leaves, grad_output, allow_unused=True, create_graph=create_graph)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    gin, gch, gsp = grads
+    return (gin.contiguous(memory_format=memory_format_of(input)), gch.contiguous(),
+            gsp.contiguous(memory_format=memory_format_of(spatial_filter)))

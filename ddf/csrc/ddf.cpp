@@ -415,8 +415,11 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
 
 // -------------------------------------------------------------------------------------------------------------
 Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const Tensor& spatial_filter,
-                       int64_t kernel_size, int64_t dilation, int64_t stride, int64_t head, int64_t combine) {
-  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine);
+                       int64_t kernel_size, int64_t dilation, int64_t stride, int64_t head, int64_t combine,
+                       bool spatial_norm, double spatial_gain) {
+  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
+  TORCH_CHECK(!spatial_norm, "ddf_cpp.forward: spatial_norm=True is not implemented in the C++ kernels yet");
+  (void)spatial_gain;
   TORCH_CHECK(input_.device().is_cpu(), "ddf_forward_cpu: input must be a CPU tensor");
   const bool cl = use_channels_last(input_);
   const GeoI g = make_geo(input_, kernel_size, dilation, stride, head);
@@ -442,8 +445,11 @@ Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const
 std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input_,
                                                     const Tensor& channel_filter, const Tensor& spatial_filter,
                                                     int64_t kernel_size, int64_t dilation, int64_t stride,
-                                                    int64_t head, int64_t combine) {
-  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine);
+                                                    int64_t head, int64_t combine, bool spatial_norm,
+                                                    double spatial_gain) {
+  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
+  TORCH_CHECK(!spatial_norm, "ddf_cpp.backward: spatial_norm=True is not implemented in the C++ kernels yet");
+  (void)spatial_gain;
   check_grad_output(grad_output, input_, stride);
   TORCH_CHECK(input_.device().is_cpu(), "ddf_backward_cpu: input must be a CPU tensor");
   const bool cl = use_channels_last(input_);
@@ -478,29 +484,21 @@ std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, c
 
 }  // namespace
 
-bool cuda_built() {
-#ifdef DDF_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace ddf
 
-TORCH_LIBRARY(ddf, m) {
-  m.def("ddf_forward(Tensor input, Tensor channel_filter, Tensor spatial_filter, int kernel_size, int dilation, "
-        "int stride, int head, int combine) -> Tensor");
-  m.def("ddf_backward(Tensor grad_output, Tensor input, Tensor channel_filter, Tensor spatial_filter, "
-        "int kernel_size, int dilation, int stride, int head, int combine) -> (Tensor, Tensor, Tensor)");
+TORCH_LIBRARY(ddf_cpp, m) {
+  m.def("forward(Tensor input, Tensor channel_filter, Tensor spatial_filter, int kernel_size, int dilation, "
+        "int stride, int head, int combine, bool spatial_norm, float spatial_gain) -> Tensor");
+  m.def("backward(Tensor grad_output, Tensor input, Tensor channel_filter, Tensor spatial_filter, "
+        "int kernel_size, int dilation, int stride, int head, int combine, bool spatial_norm, float spatial_gain) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(ddf, CPU, m) {
-  m.impl("ddf_forward", &ddf::ddf_forward_cpu);
-  m.impl("ddf_backward", &ddf::ddf_backward_cpu);
+TORCH_LIBRARY_IMPL(ddf_cpp, CPU, m) {
+  m.impl("forward", &ddf::ddf_forward_cpu);
+  m.impl("backward", &ddf::ddf_backward_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "DDF op kernels (registered as torch.ops.ddf.ddf_forward / ddf_backward)";
-  m.def("cuda_built", &ddf::cuda_built, "True when the CUDA kernels were compiled into this extension");
+  m.doc() = "DDF op C++ CPU kernels (registered as torch.ops.ddf_cpp.forward / backward)";
 }

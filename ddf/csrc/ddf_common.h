@@ -1,4 +1,4 @@
-// Shared argument checks and helpers of the DDF op (CPU and CUDA kernels).
+// Shared argument checks and helpers of the DDF op C++ kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +10,11 @@ namespace ddf {
 constexpr int64_t kCombineMul = 0;
 constexpr int64_t kCombineAdd = 1;
 
-inline int64_t out_size(int64_t n, int64_t stride) { return (n - 1) / stride + 1; }
+// Output size of a strided dimension; an empty dimension stays empty (same rule as ddf/_checks.py:out_size).
+inline int64_t out_size(int64_t n, int64_t stride) { return n == 0 ? 0 : (n - 1) / stride + 1; }
 
 // True when `t` should be processed (and returned) in channels_last layout.
-// The same rule is used by the Python fake implementation (ddf/ops.py) and the reference.
+// The same rule is used by ddf/_checks.py (fake kernels, reference, Triton launchers).
 inline bool use_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -27,7 +28,8 @@ inline void check_tensor(const at::Tensor& t, const char* name) {
 
 // Checks of ddf_forward / ddf_backward arguments (direct torch.ops.ddf.* calls must never crash).
 inline void check_args(const at::Tensor& input, const at::Tensor& channel_filter, const at::Tensor& spatial_filter,
-                       int64_t kernel_size, int64_t dilation, int64_t stride, int64_t head, int64_t combine) {
+                       int64_t kernel_size, int64_t dilation, int64_t stride, int64_t head, int64_t combine,
+                       bool spatial_norm) {
   check_tensor(input, "input");
   check_tensor(channel_filter, "channel_filter");
   check_tensor(spatial_filter, "spatial_filter");
@@ -46,6 +48,9 @@ inline void check_args(const at::Tensor& input, const at::Tensor& channel_filter
   TORCH_CHECK(head >= 1, "ddf: head must be >= 1, got ", head);
   TORCH_CHECK(combine == kCombineMul || combine == kCombineAdd,
               "ddf: combine must be 0 ('mul') or 1 ('add'), got ", combine);
+  TORCH_CHECK(!spatial_norm || kernel_size >= 3,
+              "ddf: spatial_norm=True needs kernel_size >= 3 (the std over a single tap is undefined), got ",
+              kernel_size);
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   TORCH_CHECK(C % head == 0, "ddf: head=", head, " must divide the number of input channels C=", C);
   const int64_t k = kernel_size;
