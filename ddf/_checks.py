@@ -10,7 +10,8 @@ import numbers
 import torch
 
 __all__ = ["COMBINES", "COMBINE_NAMES", "FILTER_NORM_EPS", "out_size", "use_channels_last", "memory_format_of",
-           "check_int", "check_choice", "combine_code", "check_ddf_args", "check_grad_output"]
+           "check_int", "check_choice", "combine_code", "check_ddf_args", "check_grad_output",
+           "empty_forward_output", "empty_backward_outputs"]
 
 #: kernel_combine name -> integer code used in the op schema
 COMBINES = {"mul": 0, "add": 1}
@@ -126,3 +127,19 @@ def check_grad_output(grad_output, input, stride: int) -> None:
     if grad_output.dtype != input.dtype or grad_output.device != input.device:
         raise TypeError(f"ddf: grad_output must have the dtype and device of input ({input.dtype}, {input.device}), "
                         f"got ({grad_output.dtype}, {grad_output.device})")
+
+
+def empty_forward_output(input: torch.Tensor, stride: int) -> torch.Tensor:
+    """Uninitialised op output (B, C, Ho, Wo) in the input's dtype, device and memory format."""
+    B, C, H, W = input.shape
+    return torch.empty((B, C, out_size(H, stride), out_size(W, stride)), dtype=input.dtype, device=input.device,
+                       memory_format=memory_format_of(input))
+
+
+def empty_backward_outputs(input: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Tensor):
+    """Uninitialised (grad_input, grad_channel, grad_spatial) with the op's layout rule."""
+    gin = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
+    gch = torch.empty(channel_filter.shape, dtype=input.dtype, device=input.device)
+    gsp = torch.empty(spatial_filter.shape, dtype=input.dtype, device=input.device,
+                      memory_format=memory_format_of(spatial_filter))
+    return gin, gch, gsp

@@ -5,10 +5,9 @@ The paper (Sec. 4.1) counts the filter combination and application of one DDF op
 value and tap one combine (mul or add), one multiply with the input and one add. That is the
 number :func:`ddf_flops` returns for ``torch.ops.ddf.ddf_forward``.
 
-The formula can only be registered once the op exists (``torch.ops.ddf.ddf_forward`` is created
-by ``ddf.ops``). :func:`register_ddf_flop_formula` does it at most once; ``import ddf`` calls it
-quietly (it is a no-op while the op is missing) and ``tables.py`` calls it with ``strict=True``
-so that a missing op is an error rather than a silent count of 0.
+The formula can only be registered once the op exists (``torch.ops.ddf.ddf_forward`` is defined
+by ``ddf.backends.registration``). :func:`register_ddf_flop_formula` does it at most once; ``import ddf``
+calls it with ``strict=True`` so that a missing op is an error rather than a silent count of 0.
 
 Note that ``FlopCounterMode`` counts a convolution's multiply-add as 2 FLOPs while the paper's
 tables count it as 1 (multiply-adds); ``tables.py`` therefore reports ``conv/linear FLOPs / 2 +
@@ -28,7 +27,7 @@ _registered = False
 
 
 class DDFOpUnavailable(RuntimeError):
-    """The custom op ``torch.ops.ddf.ddf_forward`` does not exist (``ddf.ops`` missing or broken)."""
+    """The custom op ``torch.ops.ddf.ddf_forward`` does not exist (its registration module is missing or broken)."""
 
 
 def ddf_flops(input_shape, channel_filter_shape, spatial_filter_shape, kernel_size, *args,
@@ -44,20 +43,20 @@ def ddf_flops(input_shape, channel_filter_shape, spatial_filter_shape, kernel_si
 
 
 def ddf_op_packet(import_ops: bool = True):
-    """Return ``torch.ops.ddf.ddf_forward`` (importing ``ddf.ops`` first); raise DDFOpUnavailable."""
+    """Return ``torch.ops.ddf.ddf_forward`` (importing its registration first); raise DDFOpUnavailable."""
     if import_ops:
         try:
-            importlib.import_module("ddf.ops")
+            importlib.import_module("ddf.backends.registration")
         except ImportError as e:
             raise DDFOpUnavailable(
-                "the compiled DDF op is not available: `import ddf.ops` failed "
-                f"({type(e).__name__}: {e}). ddf/ops.py defines torch.ops.ddf.ddf_forward; without it "
+                "the DDF op is not available: `import ddf.backends.registration` failed "
+                f"({type(e).__name__}: {e}). It defines torch.ops.ddf.ddf_forward; without it "
                 "FLOPs of DDF layers cannot be counted.") from e
     try:
         return torch.ops.ddf.ddf_forward
     except (AttributeError, RuntimeError) as e:
         raise DDFOpUnavailable(
-            "torch.ops.ddf.ddf_forward is not registered (ddf.ops imported but defines no such op): "
+            "torch.ops.ddf.ddf_forward is not registered (its registration module defines no such op): "
             f"{e}") from e
 
 

@@ -18,32 +18,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import calculate_gain
 
+from ._checks import COMBINES
+from ._checks import check_choice as _check_choice
+from ._checks import check_int as _check_int
 from .functional import ddf
+from .reference import filter_norm
 
 __all__ = ["FilterNorm", "DDFPack", "DDFUpPack"]
 
-_COMBINES = ("mul", "add")
+_COMBINES = tuple(COMBINES)
 _FILTERS = ("both", "spatial", "channel")
 _NORMS = ("filter_norm", "batch_norm", "sigmoid")
 _NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                    "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
-
-
-def _check_int(owner: str, name: str, value, minimum: int, odd: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    if odd and value % 2 == 0:
-        raise ValueError(f"{owner}: {name} must be odd, got {value}")
-    return value
-
-
-def _check_choice(owner: str, name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
-    return value
 
 
 def _check_se_ratio(owner: str, in_channels: int, se_ratio) -> float:
@@ -58,6 +45,13 @@ def _check_se_ratio(owner: str, in_channels: int, se_ratio) -> float:
             f"in_channels={in_channels}; use a larger se_ratio"
         )
     return se_ratio
+
+
+def _normalise(y: torch.Tensor) -> torch.Tensor:
+    """FilterNorm over dim 2, computed in float32 for half types (eps 1e-10 underflows in float16)."""
+    if y.dtype in (torch.float16, torch.bfloat16):
+        return filter_norm(y.float(), dim=2).to(y.dtype)
+    return filter_norm(y, dim=2)
 
 
 class FilterNorm(nn.Module):
@@ -103,10 +97,7 @@ class FilterNorm(nn.Module):
                     f"FilterNorm(spatial): input must have shape (B, {g}*{kk}, H, W), got {tuple(x.shape)}"
                 )
             b, _, h, w = x.shape
-            y = x.reshape(b, g, kk, h, w)
-            y = y - y.mean(dim=2, keepdim=True)
-            y = y / (y.std(dim=2, keepdim=True) + 1e-10)
-            y = y.reshape(b, g * kk, h, w)
+            y = _normalise(x.reshape(b, g, kk, h, w)).reshape(b, g * kk, h, w)
             if self.running_std:
                 y = y * self.std.view(1, -1, 1, 1)
             else:
@@ -118,10 +109,7 @@ class FilterNorm(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         b = x.shape[0]
-        y = x.reshape(b, g, kk)
-        y = y - y.mean(dim=2, keepdim=True)
-        y = y / (y.std(dim=2, keepdim=True) + 1e-10)
-        y = y.reshape(b, g * kk)
+        y = _normalise(x.reshape(b, g, kk)).reshape(b, g * kk)
         if self.running_std:
             y = y * self.std.view(1, -1)
         else:
