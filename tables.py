@@ -10,9 +10,8 @@ FLOPs are counted the way the paper counts them (Sec. 4.1): multiply-adds of the
 plus ``3 * n * c * k**2`` per DDF op (n = output pixels), for one 224x224 image. Counting uses
 ``torch.utils.flop_counter.FlopCounterMode`` with the formula that ``ddf/flops.py`` registers for
 ``torch.ops.ddf.ddf_forward``; models are built on the meta device (no memory, no compute), so the
-whole script takes seconds. It needs ``ddf.ops`` (it defines the custom op and its shape function; the op
-exists with the compiled kernels or the reference ones); without it the script stops with an error instead
-of counting DDF layers as 0.
+whole script takes seconds. ``ddf()`` always calls the custom op (whatever backend runs it); if a model's DDF
+layers bypass it, the script stops with an error instead of counting DDF layers as 0.
 """
 from __future__ import annotations
 
@@ -22,11 +21,6 @@ import os
 import re
 import sys
 from typing import Any, Dict, List, Optional
-
-# The FLOPs of DDF layers are only seen through the custom op torch.ops.ddf.ddf_forward: make ddf() call it
-# ('auto' does, with compiled or reference kernels; 'reference' would bypass the op).
-if os.environ.get("DDF_BACKEND", "auto").strip().lower() != "compiled":
-    os.environ["DDF_BACKEND"] = "auto"
 
 import torch  # noqa: E402
 import timm  # noqa: E402

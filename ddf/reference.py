@@ -95,6 +95,51 @@ def ddf_reference(
     return out.contiguous(memory_format=memory_format_of(input))
 
 
+def _filter_norm_backward(raw: torch.Tensor, grad: torch.Tensor, dim: int, gain: float,
+                          eps: float = FILTER_NORM_EPS) -> torch.Tensor:
+    """Gradient w.r.t. ``raw`` of ``gain * (raw - mean) / (unbiased std + eps)`` over ``dim``, given ``grad``.
+
+    d/dx_i = gain * [(g_i - mean(g)) / (std + eps) - (x_i - mean) * sum_j g_j (x_j - mean) / ((n-1) std (std + eps)^2)]
+    (the second term is 0 where std == 0, as for a constant filter).
+    """
+    n = raw.shape[dim]
+    centred = raw - raw.mean(dim=dim, keepdim=True)
+    std = centred.std(dim=dim, keepdim=True)
+    g = grad * gain
+    first = (g - g.mean(dim=dim, keepdim=True)) / (std + eps)
+    coef = (g * centred).sum(dim=dim, keepdim=True) / ((n - 1) * std * (std + eps) ** 2)
+    coef = torch.where(std > 0, coef, torch.zeros((), dtype=coef.dtype, device=coef.device))
+    return first - centred * coef
+
+
+def _explicit_backward(grad_output, input, channel_filter, spatial_filter, k, dilation, stride, head, combine,
+                       spatial_norm, spatial_gain):
+    """Closed-form gradients (float32/float64 compute); see :func:`ddf_reference_backward`."""
+    B, C, H, W = input.shape
+    kk = k * k
+    dtype = _compute_dtype(input)
+    cols, ch, sp, valid = _prepare(input, channel_filter, spatial_filter, k, dilation, stride, head, spatial_norm,
+                                   spatial_gain)
+    Ho, Wo = cols.shape[-2:]
+    zero = torch.zeros((), dtype=dtype, device=input.device)
+    go = grad_output.to(dtype).reshape(B, head, C // head, 1, Ho, Wo)
+    filt = torch.where(valid, sp * ch if combine == "mul" else sp + ch, zero)
+    pad = (k - 1) * dilation // 2
+    gcols = (go * filt).reshape(B, C * kk, Ho * Wo)
+    grad_input = F.fold(gcols, output_size=(H, W), kernel_size=k, dilation=dilation, padding=pad, stride=stride)
+    gfilt = go * cols  # (B, head, Cg, kk, Ho, Wo); 0 on padded taps (cols is 0 there)
+    if combine == "mul":
+        grad_spatial = torch.where(valid, gfilt * ch, zero).sum(dim=2)
+        grad_channel = (gfilt * sp).masked_fill(~valid, 0).sum(dim=(4, 5))
+    else:
+        grad_spatial = gfilt.sum(dim=2)
+        grad_channel = gfilt.sum(dim=(4, 5))
+    if spatial_norm:  # gradient w.r.t. the raw taps
+        raw = spatial_filter.to(dtype).reshape(B, head, kk, Ho, Wo)
+        grad_spatial = _filter_norm_backward(raw, grad_spatial, dim=2, gain=spatial_gain)
+    return grad_input, grad_channel.reshape(B, C, k, k), grad_spatial.reshape(B, head * kk, Ho, Wo)
+
+
 def ddf_reference_backward(
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -111,21 +156,22 @@ def ddf_reference_backward(
 ):
     """Gradients of :func:`ddf_reference` w.r.t. input, channel filter and (raw) spatial filter.
 
-    Computed by autograd through the reference. With ``create_graph=True`` the caller passes tensors that require
-    grad and gets gradients that are differentiable again (used for double backward). Gradients keep the op's
-    layout rule: grad_input follows the input's memory format, grad_spatial the spatial filter's, grad_channel is
-    contiguous.
+    By default closed-form (usable inside the op, where autograd does not record). With ``create_graph=True`` the
+    caller passes tensors that require grad and gets gradients computed by autograd through the reference, which
+    are differentiable again (double backward). Gradients keep the op's layout rule: grad_input follows the
+    input's memory format, grad_spatial the spatial filter's, grad_channel is contiguous.
     """
     tensors = (input, channel_filter, spatial_filter)
+    combine = _combine_name(kernel_combine)
     if input.numel() == 0 or spatial_filter.numel() == 0:
         grads = [torch.zeros_like(t) for t in tensors]
-    else:
-        with torch.enable_grad():
-            leaves = [t if create_graph else t.detach().requires_grad_(True) for t in tensors]
-            out = ddf_reference(*leaves, kernel_size, dilation, stride, head, kernel_combine, spatial_norm,
-                                spatial_gain)
-            grads = torch.autograd.grad(out, leaves, grad_output, allow_unused=True, create_graph=create_graph)
+    elif create_graph:
+        out = ddf_reference(*tensors, kernel_size, dilation, stride, head, combine, spatial_norm, spatial_gain)
+        grads = torch.autograd.grad(out, tensors, grad_output, allow_unused=True, create_graph=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
-    gin, gch, gsp = grads
+    else:
+        grads = _explicit_backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                   head, combine, spatial_norm, spatial_gain)
+    gin, gch, gsp = (g.to(input.dtype) for g in grads)
     return (gin.contiguous(memory_format=memory_format_of(input)), gch.contiguous(),
             gsp.contiguous(memory_format=memory_format_of(spatial_filter)))

@@ -148,6 +148,28 @@ def test_raw_op_checks(mutate, msg):
         torch.ops.ddf.ddf_forward(*args)
 
 
+def test_raw_op_head_not_dividing_c_with_matching_spatial_filter():
+    """head=3 with C=4 and a spatial filter sized for 3 heads: the head check itself must fire."""
+    x, ch, _ = good()
+    sp = torch.randn(B, 3 * K * K, H, W)
+    with pytest.raises(RAW_ERRORS, match="head=3 must divide"):
+        torch.ops.ddf.ddf_forward(x, ch, sp, K, 1, 1, 3, 0)
+    with pytest.raises(RAW_ERRORS, match="head=3 must divide"):
+        torch.ops.ddf.ddf_backward(torch.randn(B, C, H, W), x, ch, sp, K, 1, 1, 3, 0)
+    if C % 3:  # the C++ kernels check it too when called directly
+        import ddf.backends.cpp as cpp
+
+        assert cpp.load()
+        with pytest.raises(RuntimeError, match="head=3 must divide"):
+            torch.ops.ddf_cpp.forward(x, ch, sp, K, 1, 1, 3, 0, False, 1.0)
+
+
+def test_spatial_norm_needs_k3():
+    x = torch.randn(B, C, H, W)
+    with pytest.raises(RAW_ERRORS, match="spatial_norm=True needs kernel_size >= 3"):
+        ddf(x, torch.randn(B, C, 1, 1), torch.randn(B, 1, H, W), 1, spatial_norm=True)
+
+
 def test_raw_backward_checks():
     x, ch, sp = good()
     with pytest.raises(RAW_ERRORS, match="grad_output"):

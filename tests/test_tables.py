@@ -75,7 +75,10 @@ def test_ddfpack_split_into_paper_convention(monkeypatch):
 
 def test_count_refuses_zero_ddf_flops(tables, monkeypatch):
     # a DDF model whose DDF ops bypass the custom op must not be reported with DDF FLOPs = 0
-    monkeypatch.setenv("DDF_BACKEND", "reference")
+    import ddf.modules
+    from ddf.reference import ddf_reference
+
+    monkeypatch.setattr(ddf.modules, "ddf", ddf_reference)
     with pytest.raises(RuntimeError, match="saw no torch.ops.ddf.ddf_forward call"):
         tables.count("ddf_mul_resnet_tiny", {}, img_size=64)
 
