@@ -1,0 +1,23 @@
+"""Test set-up shared by every test module.
+
+* the repository root goes first on sys.path (tests import the checkout, not an installed copy);
+* on a machine without a CUDA device, Triton's interpreter is switched on before ``ddf`` is imported (``triton.jit``
+  reads TRITON_INTERPRET when it decorates), so the Triton kernels run on CPU tensors and are tested against the
+  reference like every other backend. Set DDF_TEST_TRITON_INTERPRET=0 to leave TRITON_INTERPRET alone.
+"""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if os.environ.get("DDF_TEST_TRITON_INTERPRET", "1") == "1" and not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
