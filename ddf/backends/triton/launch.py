@@ -1,0 +1,139 @@
+"""Launchers of the Triton DDF kernels: output allocation (the op's layout rule), grids, block sizes.
+
+On a GPU the forward and grad_input kernels are autotuned per shape over a small config set (``key``: channels
+per head, output size, k, dtype); under Triton's interpreter (CPU tensors) one large-block config runs, because the
+interpreter's cost grows with the number of program instances. Pass 1 of the backward uses fixed block sizes
+(its grad_channel partial buffer is sized by the pixel block). Kernels are launched through ``wrap_triton`` so that
+``torch.compile`` sees them inside the op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from ... import _checks
+from ...reference import spatial_filter_norm
+from .kernels import ddf_bwd_filters_kernel, ddf_bwd_input_kernel, ddf_fwd_kernel
+
+__all__ = ["forward", "backward", "INTERPRET", "tile_configs", "interpreter_config", "filters_config"]
+
+#: triton.jit read TRITON_INTERPRET when the kernels were decorated (import time of .kernels)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TILE_BUDGET = 4096  # elements of a [BLOCK_C, KK_PAD, BLOCK_P] tile per program on a GPU (keeps registers unspilled)
+
+
+def tile_configs():
+    """The autotune configs of the forward / grad_input kernels (pruned per k by :func:`_prune`)."""
+    configs = []
+    for block_c, block_p, cb, warps in ((8, 32, 1, 4), (4, 64, 1, 4), (8, 32, 4, 4), (4, 64, 4, 4), (2, 64, 8, 4),
+                                        (2, 32, 16, 2), (1, 64, 16, 4), (1, 32, 32, 2)):
+        configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_P": block_p, "CB": cb}, num_warps=warps))
+    return configs
+
+
+def _fits(cfg_kwargs, kk_pad: int, f64: bool) -> bool:
+    tile = cfg_kwargs["BLOCK_C"] * kk_pad * cfg_kwargs["BLOCK_P"]
+    return tile <= (_TILE_BUDGET // 2 if f64 else _TILE_BUDGET)
+
+
+def _prune(configs, named_args, **kwargs):
+    kept = [c for c in configs if _fits(c.kwargs, kwargs["KK_PAD"], kwargs["ACC_F64"])]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"])]
+
+
+_KEY = ["Cg", "Ho", "Wo", "K", "ACC_F64", "MUL", "STRIDE"]
+_fwd_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    ddf_fwd_kernel)
+_input_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    ddf_bwd_input_kernel)
+
+
+def interpreter_config(channels: int, pixels: int, kk_pad: int) -> dict:
+    """One large block (few program instances) for Triton's interpreter."""
+    block_c = min(triton.next_power_of_2(max(channels, 1)), 16)
+    block_p = min(triton.next_power_of_2(max(pixels, 1)), max(16, 4096 // kk_pad))
+    return {"BLOCK_C": block_c, "BLOCK_P": block_p, "CB": triton.cdiv(max(channels, 1), block_c)}
+
+
+def filters_config(kk_pad: int, f64: bool, channels: int, pixels: int) -> dict:
+    """Block sizes of backward pass 1 (fixed: the grad_channel partial buffer depends on BLOCK_P)."""
+    if INTERPRET:
+        cfg = interpreter_config(channels, pixels, kk_pad)
+        return {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_P": cfg["BLOCK_P"]}
+    block_p = 64 if kk_pad <= 16 else 32
+    block_c = max(1, (_TILE_BUDGET // (2 if f64 else 1)) // (kk_pad * block_p))
+    return {"BLOCK_C": min(block_c, 8), "BLOCK_P": block_p}
+
+
+def _meta(input, kernel_size, combine):
+    return dict(K=kernel_size, KK_PAD=triton.next_power_of_2(kernel_size * kernel_size), MUL=combine == 0,
+                ACC_F64=input.dtype == torch.float64)
+
+
+def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
+    """Launch a forward-style kernel: autotuned on a GPU, one interpreter-sized config on CPU."""
+    if INTERPRET:
+        cfg = interpreter_config(channels, grid_pixels, kk_pad)
+        grid = (triton.cdiv(grid_pixels, cfg["BLOCK_P"]), bh, triton.cdiv(channels, cfg["BLOCK_C"] * cfg["CB"]))
+        wrap_triton(plain)[grid](*args, **meta, **cfg)
+    else:
+        def grid(m):
+            return (triton.cdiv(grid_pixels, m["BLOCK_P"]), bh, triton.cdiv(channels, m["BLOCK_C"] * m["CB"]))
+
+        wrap_triton(tuned)[grid](*args, **meta)
+
+
+def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm,
+            spatial_gain):
+    out = _checks.empty_forward_output(input, stride)
+    if out.numel() == 0:
+        return out
+    B, C, H, W = input.shape
+    Ho, Wo = out.shape[2:]
+    meta = dict(_meta(input, kernel_size, combine), NORM=bool(spatial_norm))
+    args = (input, channel_filter, spatial_filter, out, H, W, Ho, Wo, C // head, head, dilation, stride,
+            float(spatial_gain), *input.stride(), *channel_filter.stride(), *spatial_filter.stride(), *out.stride())
+    _launch_tiled(_fwd_tuned, ddf_fwd_kernel, Ho * Wo, B * head, C // head, meta["KK_PAD"], args, meta)
+    return out
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _filters_pass(grad_output, input, channel_filter, spatial_filter, gsp, kernel_size, dilation, stride, head,
+                  combine, spatial_norm, spatial_gain):
+    """Backward pass 1: grad_spatial (written into gsp) and grad_channel (returned, reduced in a fixed order)."""
+    B, C, H, W = input.shape
+    Ho, Wo = grad_output.shape[2:]
+    meta = dict(_meta(input, kernel_size, combine), NORM=bool(spatial_norm))
+    cfg = filters_config(meta["KK_PAD"], meta["ACC_F64"], C // head, Ho * Wo)
+    n_pb = triton.cdiv(Ho * Wo, cfg["BLOCK_P"])
+    part = torch.empty((n_pb, B, C, kernel_size * kernel_size), dtype=_acc_dtype(input.dtype), device=input.device)
+    wrap_triton(ddf_bwd_filters_kernel)[(n_pb, B * head)](
+        grad_output, input, channel_filter, spatial_filter, gsp, part, C, H, W, Ho, Wo, C // head, head, dilation,
+        stride, float(spatial_gain), *grad_output.stride(), *input.stride(), *channel_filter.stride(),
+        *spatial_filter.stride(), *gsp.stride(), B, **meta, **cfg)
+    return part.sum(dim=0).reshape(B, C, kernel_size, kernel_size).to(input.dtype)
+
+
+def backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine,
+             spatial_norm, spatial_gain):
+    gin, gch, gsp = _checks.empty_backward_outputs(input, channel_filter, spatial_filter)
+    if input.numel() == 0 or grad_output.numel() == 0:
+        return gin.zero_(), gch.zero_(), gsp.zero_()
+    gch = _filters_pass(grad_output, input, channel_filter, spatial_filter, gsp, kernel_size, dilation, stride,
+                        head, combine, spatial_norm, spatial_gain)
+    sp = spatial_filter
+    if spatial_norm:  # pass 2 gathers taps of several output pixels: give it the normalised filter
+        sp = spatial_filter_norm(spatial_filter.to(_acc_dtype(input.dtype)), head, kernel_size, spatial_gain)
+    B, C, H, W = input.shape
+    Ho, Wo = grad_output.shape[2:]
+    meta = _meta(input, kernel_size, combine)
+    args = (grad_output, channel_filter, sp, gin, H, W, Ho, Wo, C // head, head, dilation, stride,
+            *grad_output.stride(), *channel_filter.stride(), *sp.stride(), *gin.stride())
+    _launch_tiled(_input_tuned, ddf_bwd_input_kernel, H * W, B * head, C // head, meta["KK_PAD"], args, meta)
+    return gin, gch, gsp
