@@ -177,15 +177,36 @@ def test_gradcheck_fp64_small(backend):
                 lambda a, b, c: torch.ops.ddf.ddf_forward(a, b, c, 3, 1, 2, 2, COMB[combine]), leaves)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_double_backward_gradgradcheck(backend):
-    """Second-order gradients (the op is linear in each input): gradgradcheck in float64."""
+def test_double_backward_gradgradcheck():
+    """Second-order gradients (the op is linear in each input): gradgradcheck in float64 (C++ first order)."""
     for combine in ("mul", "add"):
         x, ch, sp = make_inputs(1, 4, 5, 6, 3, 2, 2, seed=13)
         leaves = tuple(t.clone().requires_grad_() for t in (x, ch, sp))
-        with ddf.use_backend(backend):
-            assert torch.autograd.gradgradcheck(
-                lambda a, b, c: ddf.ddf(a, b, c, 3, 2, 2, 2, combine), leaves)
+        with ddf.use_backend("cpp"):
+            assert torch.autograd.gradgradcheck(lambda a, b, c: ddf.ddf(a, b, c, 3, 2, 2, 2, combine), leaves)
+
+
+def _second_order(backend, combine, spatial_norm):
+    x, ch, sp = make_inputs(1, 4, 5, 6, 3, 2, 2, seed=19)
+    leaves = [t.clone().requires_grad_() for t in (x, ch, sp)]
+    with ddf.use_backend(backend):
+        out = ddf.ddf(*leaves, 3, 2, 2, 2, combine, spatial_norm=spatial_norm, spatial_gain=0.8)
+        go = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        grads = torch.autograd.grad(out, leaves, go, create_graph=True)
+        weights = [torch.randn(g.shape, dtype=g.dtype, generator=torch.Generator().manual_seed(i))
+                   for i, g in enumerate(grads)]
+        total = sum((g * w).sum() for g, w in zip(grads, weights))
+        return torch.autograd.grad(total, leaves + [go])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("combine,spatial_norm", [("mul", False), ("add", False), ("mul", True)])
+def test_double_backward_matches_reference(backend, combine, spatial_norm):
+    if spatial_norm and not _supports_spatial_norm(backend):
+        pytest.skip(f"{backend} kernels have no fused spatial_norm yet")
+    for got, ref in zip(_second_order(backend, combine, spatial_norm), _second_order("reference", combine,
+                                                                                     spatial_norm)):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
