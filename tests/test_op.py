@@ -202,8 +202,6 @@ def _second_order(backend, combine, spatial_norm):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("combine,spatial_norm", [("mul", False), ("add", False), ("mul", True)])
 def test_double_backward_matches_reference(backend, combine, spatial_norm):
-    if spatial_norm and not _supports_spatial_norm(backend):
-        pytest.skip(f"{backend} kernels have no fused spatial_norm yet")
     for got, ref in zip(_second_order(backend, combine, spatial_norm), _second_order("reference", combine,
                                                                                      spatial_norm)):
         assert torch.allclose(got, ref, atol=1e-10, rtol=1e-10)
@@ -286,26 +284,12 @@ OPCHECK_SAMPLES = [  # B, C, H, W, k, s, head, combine, channels_last, spatial_n
 @pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
 def test_opcheck(backend, sample):
     B, C, H, W, k, s, head, combine, cl, norm = sample
-    if norm and backend != "reference" and not _supports_spatial_norm(backend):
-        pytest.skip(f"{backend} kernels have no fused spatial_norm yet")
     x, ch, sp = make_inputs(B, C, H, W, k, s, head, dtype=torch.float32, channels_last=cl)
     args = tuple(t.clone().requires_grad_() for t in (x, ch, sp)) + (k, 1, s, head, combine, norm, 0.5)
     with ddf.use_backend(backend):
         torch.library.opcheck(torch.ops.ddf.ddf_forward.default, args)
         go = torch.randn(ddf._checks.empty_forward_output(x, s).shape)
         torch.library.opcheck(torch.ops.ddf.ddf_backward.default, (go, x, ch, sp) + args[3:])
-
-
-def _supports_spatial_norm(backend):
-    x, ch, sp = make_inputs(1, 1, 3, 3, 3, 1, 1)
-    try:
-        with ddf.use_backend(backend):
-            ddf.ddf(x, ch, sp, 3, spatial_norm=True)
-    except RuntimeError as exc:
-        if "not implemented" in str(exc):
-            return False
-        raise
-    return True
 
 
 class TwoDDF(nn.Module):

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ddf_common.h"
@@ -66,55 +67,88 @@ inline GeoI make_geo(const Tensor& input, int64_t k, int64_t d, int64_t s, int64
 }
 
 // -------------------------------------------------------------------------------------------------------------
-// NCHW forward: one task per (b, c) plane; consecutive tasks share the spatial filter of (b, head), which stays
-// in cache. For every output row, taps are accumulated into a row buffer (vectorised over x when stride == 1).
+// The spatial filter of rows [y0, y1) of one (b, head), as acc_t in buf[j * n + i] (n = (y1 - y0) * Wo pixels,
+// i = (y - y0) * Wo + x), read once per head and reused by all its channels. With `norm`, each pixel's k*k taps
+// are normalised here (FilterNorm, paper Eq. 3: gain * (sp - mean) / (unbiased std + eps)); the normalised filter
+// lives only in this per-thread buffer. `tmp` holds 2 * n values.
+template <typename scalar_t>
+void load_spatial_rows(const scalar_t* spb, const GeoI& g, int64_t y0, int64_t y1, bool norm,
+                       at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT buf,
+                       at::opmath_type<scalar_t>* DDF_RESTRICT tmp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = (y1 - y0) * g.Wo, HoWo = g.Ho * g.Wo;
+  for (int64_t j = 0; j < g.kk; ++j) {
+    const scalar_t* DDF_RESTRICT src = spb + j * HoWo + y0 * g.Wo;
+    for (int64_t i = 0; i < n; ++i) buf[j * n + i] = static_cast<acc_t>(src[i]);
+  }
+  if (!norm) return;
+  acc_t* DDF_RESTRICT mean = tmp;
+  acc_t* DDF_RESTRICT var = tmp + n;
+  std::fill(tmp, tmp + 2 * n, acc_t(0));
+  for (int64_t j = 0; j < g.kk; ++j)
+    for (int64_t i = 0; i < n; ++i) mean[i] += buf[j * n + i];
+  for (int64_t i = 0; i < n; ++i) mean[i] /= acc_t(g.kk);
+  for (int64_t j = 0; j < g.kk; ++j)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t c = buf[j * n + i] - mean[i];
+      var[i] += c * c;
+    }
+  for (int64_t i = 0; i < n; ++i) var[i] = gain / (std::sqrt(var[i] / acc_t(g.kk - 1)) + acc_t(kFilterNormEps));
+  for (int64_t j = 0; j < g.kk; ++j)
+    for (int64_t i = 0; i < n; ++i) buf[j * n + i] = (buf[j * n + i] - mean[i]) * var[i];
+}
+
+// NCHW forward: one task per (b, head, block of output rows). The block's spatial filter is loaded (and
+// normalised) once, then every channel of the head is filtered with it; for every output row the taps are
+// accumulated into a row buffer (vectorised over x when stride == 1).
 template <typename scalar_t, bool MUL>
-void forward_nchw(const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& out, const GeoI g) {
+void forward_nchw(const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& out, const GeoI g, bool norm,
+                  double gain) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in_data = input.const_data_ptr<scalar_t>();
   const scalar_t* ch_data = ch.const_data_ptr<scalar_t>();
   const scalar_t* sp_data = sp.const_data_ptr<scalar_t>();
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
-  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> row(g.Wo);
-    std::vector<acc_t> chv(g.kk);
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C, h = c / g.Cg;
-      const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
-      const scalar_t* spb = sp_data + (b * g.head + h) * g.kk * HoWo;
-      scalar_t* DDF_RESTRICT o = out_data + bc * HoWo;
-      for (int64_t j = 0; j < g.kk; ++j) chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
-      for (int64_t y = 0; y < g.Ho; ++y) {
-        acc_t* DDF_RESTRICT acc = row.data();
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          if (iy < 0 || iy >= g.H) continue;
-          const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t j = jy * g.k + jx;
-            const int64_t off = (jx - g.r) * g.d;
-            int64_t x0, x1;
-            valid_range(off, g.s, g.W, g.Wo, x0, x1);
-            const scalar_t* DDF_RESTRICT sp_row = spb + j * HoWo + y * g.Wo;
-            const acc_t cj = chv[j];
-            if (g.s == 1) {
-              const scalar_t* DDF_RESTRICT src = in_row + off;
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t f = MUL ? static_cast<acc_t>(sp_row[x]) * cj : static_cast<acc_t>(sp_row[x]) + cj;
-                acc[x] += static_cast<acc_t>(src[x]) * f;
-              }
-            } else {
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t f = MUL ? static_cast<acc_t>(sp_row[x]) * cj : static_cast<acc_t>(sp_row[x]) + cj;
-                acc[x] += static_cast<acc_t>(in_row[x * g.s + off]) * f;
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / std::max<int64_t>(1, g.kk * g.Wo)));
+  const int64_t n_rb = (g.Ho + R - 1) / R;
+  at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
+    std::vector<acc_t> row(g.Wo), chv(g.kk), spbuf(g.kk * R * g.Wo), tmp(2 * R * g.Wo);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
+      const int64_t y0 = rb * R, y1 = std::min(g.Ho, y0 + R), n = (y1 - y0) * g.Wo;
+      load_spatial_rows<scalar_t>(sp_data + bh * g.kk * HoWo, g, y0, y1, norm, static_cast<acc_t>(gain),
+                                  spbuf.data(), tmp.data());
+      for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
+        const int64_t bc = b * g.C + c;
+        const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
+        for (int64_t j = 0; j < g.kk; ++j) chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
+        for (int64_t y = y0; y < y1; ++y) {
+          acc_t* DDF_RESTRICT acc = row.data();
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t jy = 0; jy < g.k; ++jy) {
+            const int64_t iy = y * g.s + (jy - g.r) * g.d;
+            if (iy < 0 || iy >= g.H) continue;
+            const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
+            for (int64_t jx = 0; jx < g.k; ++jx) {
+              const int64_t j = jy * g.k + jx;
+              const int64_t off = (jx - g.r) * g.d;
+              int64_t x0, x1;
+              valid_range(off, g.s, g.W, g.Wo, x0, x1);
+              const acc_t* DDF_RESTRICT sp_row = spbuf.data() + j * n + (y - y0) * g.Wo;
+              const acc_t cj = chv[j];
+              if (g.s == 1) {
+                const scalar_t* DDF_RESTRICT src = in_row + off;
+                for (int64_t x = x0; x < x1; ++x) acc[x] += static_cast<acc_t>(src[x]) * (MUL ? sp_row[x] * cj : sp_row[x] + cj);
+              } else {
+                for (int64_t x = x0; x < x1; ++x)
+                  acc[x] += static_cast<acc_t>(in_row[x * g.s + off]) * (MUL ? sp_row[x] * cj : sp_row[x] + cj);
               }
             }
           }
+          scalar_t* DDF_RESTRICT o_row = out_data + bc * HoWo + y * g.Wo;
+          for (int64_t x = 0; x < g.Wo; ++x) o_row[x] = static_cast<scalar_t>(acc[x]);
         }
-        scalar_t* DDF_RESTRICT o_row = o + y * g.Wo;
-        for (int64_t x = 0; x < g.Wo; ++x) o_row[x] = static_cast<scalar_t>(acc[x]);
       }
     }
   });
@@ -133,10 +167,30 @@ std::vector<at::opmath_type<scalar_t>> transpose_channel_filter(const Tensor& ch
   return chT;
 }
 
-// NHWC forward: one task per (b, output row). For every output pixel, the k*k taps are accumulated into a
-// C-long buffer, vectorised over the channels of each head. The spatial filter is read through its strides.
+// The k*k taps of every head at one pixel (read through the filter's strides) as acc_t in taps[h * kk + j],
+// normalised per head when `norm` (see load_spatial_rows).
+template <typename scalar_t>
+inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm, at::opmath_type<scalar_t> gain,
+                            at::opmath_type<scalar_t>* DDF_RESTRICT taps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = 0; t < g.head * g.kk; ++t) taps[t] = static_cast<acc_t>(spp[t * ssC]);
+  if (!norm) return;
+  for (int64_t h = 0; h < g.head; ++h) {
+    acc_t* DDF_RESTRICT v = taps + h * g.kk;
+    acc_t mean = 0, var = 0;
+    for (int64_t j = 0; j < g.kk; ++j) mean += v[j];
+    mean /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j) var += (v[j] - mean) * (v[j] - mean);
+    const acc_t scale = gain / (std::sqrt(var / acc_t(g.kk - 1)) + acc_t(kFilterNormEps));
+    for (int64_t j = 0; j < g.kk; ++j) v[j] = (v[j] - mean) * scale;
+  }
+}
+
+// NHWC forward: one task per (b, output row). For every output pixel, its taps are loaded (and normalised) once,
+// then the k*k taps are accumulated into a C-long buffer, vectorised over the channels of each head.
 template <typename scalar_t, bool MUL>
-void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& out, const GeoI g) {
+void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& out, const GeoI g, bool norm,
+                  double gain) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in_data = input.const_data_ptr<scalar_t>();
   const scalar_t* sp_data = sp.const_data_ptr<scalar_t>();
@@ -146,14 +200,15 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
   const int64_t osB = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t ssB = sp.stride(0), ssC = sp.stride(1), ssH = sp.stride(2), ssW = sp.stride(3);
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> accv(g.C);
+    std::vector<acc_t> accv(g.C), taps(g.head * g.kk);
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / g.Ho, y = by % g.Ho;
       const acc_t* chb = chT.data() + b * g.kk * g.C;
       for (int64_t x = 0; x < g.Wo; ++x) {
         acc_t* DDF_RESTRICT acc = accv.data();
         std::fill(accv.begin(), accv.end(), acc_t(0));
-        const scalar_t* spp = sp_data + b * ssB + y * ssH + x * ssW;
+        load_pixel_taps<scalar_t>(sp_data + b * ssB + y * ssH + x * ssW, ssC, g, norm, static_cast<acc_t>(gain),
+                                  taps.data());
         for (int64_t jy = 0; jy < g.k; ++jy) {
           const int64_t iy = y * g.s + (jy - g.r) * g.d;
           if (iy < 0 || iy >= g.H) continue;
@@ -164,7 +219,7 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
             const scalar_t* DDF_RESTRICT px = in_data + b * isB + iy * isH + ix * isW;
             const acc_t* DDF_RESTRICT cj = chb + j * g.C;
             for (int64_t h = 0; h < g.head; ++h) {
-              const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
+              const acc_t sv = taps[h * g.kk + j];
               const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
               for (int64_t c = c0; c < c1; ++c) {
                 const acc_t f = MUL ? sv * cj[c] : sv + cj[c];
@@ -418,8 +473,6 @@ Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const
                        int64_t kernel_size, int64_t dilation, int64_t stride, int64_t head, int64_t combine,
                        bool spatial_norm, double spatial_gain) {
   check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
-  TORCH_CHECK(!spatial_norm, "ddf_cpp.forward: spatial_norm=True is not implemented in the C++ kernels yet");
-  (void)spatial_gain;
   TORCH_CHECK(input_.device().is_cpu(), "ddf_forward_cpu: input must be a CPU tensor");
   const bool cl = use_channels_last(input_);
   const GeoI g = make_geo(input_, kernel_size, dilation, stride, head);
@@ -428,27 +481,29 @@ Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_.scalar_type(), "ddf_forward_cpu", [&] {
     if (cl) {
       // channels_last input is used as is; channel/spatial filters are read through their strides
-      if (combine == kCombineMul) forward_nhwc<scalar_t, true>(input_, channel_filter, spatial_filter, out, g);
-      else forward_nhwc<scalar_t, false>(input_, channel_filter, spatial_filter, out, g);
+      if (combine == kCombineMul)
+        forward_nhwc<scalar_t, true>(input_, channel_filter, spatial_filter, out, g, spatial_norm, spatial_gain);
+      else
+        forward_nhwc<scalar_t, false>(input_, channel_filter, spatial_filter, out, g, spatial_norm, spatial_gain);
     } else {
       // contiguous tensors are used as is (.contiguous() is a no-op); other strided views are compacted
       const Tensor input = input_.contiguous();
       const Tensor ch = channel_filter.contiguous();
       const Tensor sp = spatial_filter.contiguous();
-      if (combine == kCombineMul) forward_nchw<scalar_t, true>(input, ch, sp, out, g);
-      else forward_nchw<scalar_t, false>(input, ch, sp, out, g);
+      if (combine == kCombineMul) forward_nchw<scalar_t, true>(input, ch, sp, out, g, spatial_norm, spatial_gain);
+      else forward_nchw<scalar_t, false>(input, ch, sp, out, g, spatial_norm, spatial_gain);
     }
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input_,
+std::tuple<Tensor, Tensor, Tensor> ddf_backward_unfused(const Tensor& grad_output, const Tensor& input_,
                                                     const Tensor& channel_filter, const Tensor& spatial_filter,
                                                     int64_t kernel_size, int64_t dilation, int64_t stride,
                                                     int64_t head, int64_t combine, bool spatial_norm,
                                                     double spatial_gain) {
-  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
-  TORCH_CHECK(!spatial_norm, "ddf_cpp.backward: spatial_norm=True is not implemented in the C++ kernels yet");
+  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, false);
+  (void)spatial_norm;
   (void)spatial_gain;
   check_grad_output(grad_output, input_, stride);
   TORCH_CHECK(input_.device().is_cpu(), "ddf_backward_cpu: input must be a CPU tensor");
@@ -480,6 +535,52 @@ std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, c
     }
   });
   return {gin, gch, gsp};
+}
+
+// FilterNorm of a spatial filter (B, head*kk, Ho, Wo) in its dtype, and the gradient w.r.t. its raw taps.
+Tensor spatial_filter_norm(const Tensor& raw, int64_t head, int64_t kk, double gain) {
+  const auto v = raw.reshape({raw.size(0), head, kk, raw.size(2), raw.size(3)});
+  const auto centred = v - v.mean({2}, true);
+  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
+  return (centred / (sd + kFilterNormEps) * gain).reshape(raw.sizes());
+}
+
+Tensor spatial_filter_norm_backward(const Tensor& raw, const Tensor& grad, int64_t head, int64_t kk, double gain) {
+  const std::vector<int64_t> shape5{raw.size(0), head, kk, raw.size(2), raw.size(3)};
+  const auto v = raw.reshape(shape5);
+  const auto g = grad.reshape(shape5) * gain;
+  const auto centred = v - v.mean({2}, true);
+  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
+  const auto first = (g - g.mean({2}, true)) / (sd + kFilterNormEps);
+  const auto denom = sd * (sd + kFilterNormEps) * (sd + kFilterNormEps) * double(kk - 1);
+  const auto coef = at::where(sd > 0, (g * centred).sum({2}, true) / at::where(sd > 0, denom, at::ones_like(denom)),
+                              at::zeros_like(denom));
+  return (first - centred * coef).reshape(raw.sizes());
+}
+
+// Backward with the fused FilterNorm: the normalised filter of the whole batch is materialised (in float32 for
+// half types, so the result is as accurate as the reference), the unfused backward runs on it, and FilterNorm's
+// backward maps grad_spatial to the raw taps.
+std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                    const Tensor& channel_filter, const Tensor& spatial_filter,
+                                                    int64_t kernel_size, int64_t dilation, int64_t stride,
+                                                    int64_t head, int64_t combine, bool spatial_norm,
+                                                    double spatial_gain) {
+  check_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
+  if (!spatial_norm || input.numel() == 0 || grad_output.numel() == 0)
+    return ddf_backward_unfused(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                head, combine, false, 1.0);
+  check_grad_output(grad_output, input, stride);
+  const auto dtype = input.scalar_type();
+  const auto acc = (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+  const int64_t kk = kernel_size * kernel_size;
+  const Tensor raw = spatial_filter.to(acc);
+  const Tensor spn = spatial_filter_norm(raw, head, kk, spatial_gain).contiguous(memory_format_of(spatial_filter));
+  auto grads = ddf_backward_unfused(grad_output.to(acc), input.to(acc), channel_filter.to(acc), spn, kernel_size,
+                                    dilation, stride, head, combine, false, 1.0);
+  const Tensor gsp = spatial_filter_norm_backward(raw, std::get<2>(grads), head, kk, spatial_gain);
+  return {std::get<0>(grads).to(dtype).contiguous(memory_format_of(input)), std::get<1>(grads).to(dtype).contiguous(),
+          gsp.to(dtype).contiguous(memory_format_of(spatial_filter))};
 }
 
 }  // namespace

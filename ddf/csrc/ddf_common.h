@@ -9,6 +9,8 @@ namespace ddf {
 // combine codes used in the op schema
 constexpr int64_t kCombineMul = 0;
 constexpr int64_t kCombineAdd = 1;
+// eps of FilterNorm (paper Eq. 3), as ddf/_checks.py:FILTER_NORM_EPS
+constexpr double kFilterNormEps = 1e-10;
 
 // Output size of a strided dimension; an empty dimension stays empty (same rule as ddf/_checks.py:out_size).
 inline int64_t out_size(int64_t n, int64_t stride) { return n == 0 ? 0 : (n - 1) / stride + 1; }
