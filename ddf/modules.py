@@ -29,6 +29,9 @@ __all__ = ["FilterNorm", "DDFPack", "DDFUpPack"]
 _COMBINES = tuple(COMBINES)
 _FILTERS = ("both", "spatial", "channel")
 _NORMS = ("filter_norm", "batch_norm", "sigmoid")
+#: DDFPack/DDFUpPack apply their spatial FilterNorm inside the op (spatial_norm=True) instead of materialising the
+#: normalised filter; the FilterNorm module stays in the branch (state-dict layout) and defines the gain.
+_FUSE_SPATIAL_NORM = True
 _NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                    "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 
@@ -165,6 +168,17 @@ def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0
     )
 
 
+def _spatial_filter(branch: nn.Sequential, x: torch.Tensor):
+    """Run a spatial branch; returns ``(filter, fused_gain)``: with a FilterNorm at its end (and fusion on) the raw
+    filter and the FilterNorm gain for ``ddf(..., spatial_norm=True)``, otherwise the finished filter and None."""
+    last = branch[-1]
+    if not (_FUSE_SPATIAL_NORM and isinstance(last, FilterNorm) and not last.running_std):
+        return branch(x), None
+    for layer in branch[:-1]:
+        x = layer(x)
+    return x, float(last.std)
+
+
 class DDFPack(nn.Module):
     """DDF module (paper Fig. 2b): predicts spatial and channel filters from ``x`` and applies DDF.
 
@@ -225,8 +239,9 @@ class DDFPack(nn.Module):
             channel_filter = self.channel_branch(x).reshape(b, c, k, k)
         else:
             channel_filter = self._constant((b, c, k, k), x)
+        gain = None
         if self.spatial_branch is not None:
-            spatial_filter = self.spatial_branch(x)
+            spatial_filter, gain = _spatial_filter(self.spatial_branch, x)
         else:
             ho, wo = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
             spatial_filter = self._constant((b, self.head * k * k, ho, wo), x)
@@ -235,7 +250,7 @@ class DDFPack(nn.Module):
         if spatial_filter.dtype != x.dtype:
             spatial_filter = spatial_filter.to(x.dtype)
         return ddf(x, channel_filter, spatial_filter, k, self.dilation, self.stride, self.head,
-                   self.kernel_combine)
+                   self.kernel_combine, spatial_norm=gain is not None, spatial_gain=gain or 1.0)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -320,9 +335,9 @@ class DDFUpPack(nn.Module):
         outs = []
         for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
             channel_filter = c_b(x).reshape(b, c, k, k).to(x.dtype)
-            spatial_filter = s_b(guide).to(x.dtype)
-            outs.append(ddf(x, channel_filter, spatial_filter, k, self.dilation, 1, self.head,
-                            self.kernel_combine))
+            spatial_filter, gain = _spatial_filter(s_b, guide)
+            outs.append(ddf(x, channel_filter, spatial_filter.to(x.dtype), k, self.dilation, 1, self.head,
+                            self.kernel_combine, spatial_norm=gain is not None, spatial_gain=gain or 1.0))
         out = torch.stack(outs, dim=2).reshape(b, c * self.scale_factor ** 2, h, w)
         return F.pixel_shuffle(out, self.scale_factor)
 
