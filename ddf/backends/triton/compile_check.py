@@ -61,7 +61,7 @@ def _configs(kernel: str, k: int, f64: bool, all_configs: bool):
     if kernel == "bwd_filters":
         block_c, block_p = gpu_filters_blocks(kk_pad, f64)
         return [(block_c, block_p, 1, 4)]
-    kept = [c for c in tile_configs() if _fits(c.kwargs, kk_pad, f64)]
+    kept = [c for c in tile_configs() if _fits(c, kk_pad, f64)]
     out = [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.kwargs["CB"], c.num_warps) for c in kept]
     return out if all_configs else out[:1]
 

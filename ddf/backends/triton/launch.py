@@ -34,13 +34,14 @@ def tile_configs():
     return configs
 
 
-def _fits(cfg_kwargs, kk_pad: int, f64: bool) -> bool:
-    tile = cfg_kwargs["BLOCK_C"] * kk_pad * cfg_kwargs["BLOCK_P"]
-    return tile <= (_TILE_BUDGET // 2 if f64 else _TILE_BUDGET)
+def _fits(config, kk_pad: int, f64: bool) -> bool:
+    """A config's [BLOCK_C, KK_PAD, BLOCK_P] tile fits the register budget (1024 elements per warp; half in fp64)."""
+    tile = config.kwargs["BLOCK_C"] * kk_pad * config.kwargs["BLOCK_P"]
+    return tile <= _TILE_BUDGET * config.num_warps // (8 if f64 else 4)
 
 
 def _prune(configs, named_args, **kwargs):
-    kept = [c for c in configs if _fits(c.kwargs, kwargs["KK_PAD"], kwargs["ACC_F64"])]
+    kept = [c for c in configs if _fits(c, kwargs["KK_PAD"], kwargs["ACC_F64"])]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"])]
 
 
