@@ -1,13 +1,6 @@
-"""DDF-ResNets registered with timm: ``import models`` then ``timm.create_model('ddf_mul_resnet50')``."""
-import argparse
+"""The repository's user-fixed ``models/`` folder: the DDF-ResNets live in ``ddf.models`` (registered with timm by
+``import ddf``); this re-export keeps ``import models`` working for the scripts."""
+from ddf.models import DDF_BLOCK_KWARGS, DDFBasicBlock, DDFBottleneck  # noqa: F401
+from ddf.models import ddf_resnet  # noqa: F401
 
-import torch
-
-from .ddf_resnet import DDFBasicBlock, DDFBottleneck  # noqa: F401  (registers the models)
-
-# Training checkpoints written by timm's train.py (the original release's format) store the
-# argparse.Namespace of the run under 'args'; allow it for torch.load(weights_only=True).
-if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([argparse.Namespace])
-
-__all__ = ["DDFBasicBlock", "DDFBottleneck"]
+__all__ = ["DDFBasicBlock", "DDFBottleneck", "DDF_BLOCK_KWARGS", "ddf_resnet"]

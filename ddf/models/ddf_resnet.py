@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ddf import DDFPack
+from ..modules import DDFPack
 
 __all__ = ["DDFBottleneck", "DDFBasicBlock", "DDF_BLOCK_KWARGS"]
 
