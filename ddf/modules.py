@@ -26,6 +26,16 @@ from .reference import filter_norm
 
 __all__ = ["FilterNorm", "DDFPack", "DDFUpPack"]
 
+
+def _notrace(cls):
+    """Mark a module as a leaf for timm's torch.fx feature extraction (its forward checks shapes and calls a
+    custom op, which symbolic tracing cannot follow); a no-op without timm."""
+    try:
+        from timm.layers import register_notrace_module
+    except ImportError:
+        return cls
+    return register_notrace_module(cls)
+
 _COMBINES = tuple(COMBINES)
 _FILTERS = ("both", "spatial", "channel")
 _NORMS = ("filter_norm", "batch_norm", "sigmoid")
@@ -57,6 +67,7 @@ def _normalise(y: torch.Tensor) -> torch.Tensor:
     return filter_norm(y, dim=2)
 
 
+@_notrace
 class FilterNorm(nn.Module):
     """Filter normalisation (paper Eq. 3).
 
@@ -179,6 +190,7 @@ def _spatial_filter(branch: nn.Sequential, x: torch.Tensor):
     return x, float(last.std)
 
 
+@_notrace
 class DDFPack(nn.Module):
     """DDF module (paper Fig. 2b): predicts spatial and channel filters from ``x`` and applies DDF.
 
@@ -258,6 +270,7 @@ class DDFPack(nn.Module):
                 f"filters={self.filters!r}, normalization={self.normalization!r}")
 
 
+@_notrace
 class DDFUpPack(nn.Module):
     """DDF-Up (paper Fig. 5, Sec. 6): ``scale_factor**2`` DDF branches, pixel-shuffled.
 

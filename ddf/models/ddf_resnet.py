@@ -125,8 +125,9 @@ default_cfgs = generate_default_cfgs({
     "ddf_add_resnet101": _cfg(notes=(_RELEASED,)),
     "ddf_add_resnet152": _cfg(),
     # small demo nets for CPU training on 32-64 px images
-    "ddf_mul_resnet_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
-    "ddf_add_resnet_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    # (deep stem: the first conv is conv1.0, which timm adapts for in_chans != 3 when loading weights)
+    "ddf_mul_resnet_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0, first_conv="conv1.0"),
+    "ddf_add_resnet_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0, first_conv="conv1.0"),
 })
 
 
