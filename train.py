@@ -510,15 +510,10 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
         out_dir = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
     out_dir = os.path.abspath(out_dir)
     saver = runlog = None
+    if not args.resume:
+        out_dir = _unused_run_dir(out_dir)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if not args.resume:
-            stale = [f for f in ("checkpoints.json", "summary.csv") if os.path.exists(os.path.join(out_dir, f))]
-            if stale:
-                _logger.warning("%s holds an earlier run; starting a new one there (use --resume to continue it)",
-                                out_dir)
-                for f in stale:
-                    os.unlink(os.path.join(out_dir, f))
         with open(os.path.join(out_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(_plain_args(args), f, sort_keys=True)
         saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
@@ -713,6 +708,21 @@ def _clip(model: nn.Module, args) -> None:
         torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
     else:
         torch.nn.utils.clip_grad_value_(params, args.clip_grad)
+
+
+_RUN_FILES = ("checkpoints.json", "summary.csv", "args.yaml", "last.pth.tar")
+
+
+def _unused_run_dir(out_dir: str) -> str:
+    """``out_dir``, or ``out_dir-2``, ``-3``, ... when it already holds a run: an earlier run is never overwritten."""
+    candidate, n = out_dir, 1
+    while os.path.isdir(candidate) and any(os.path.exists(os.path.join(candidate, f)) for f in _RUN_FILES):
+        n += 1
+        candidate = f"{out_dir}-{n}"
+    if candidate != out_dir:
+        _logger.warning("%s holds an earlier run (use --resume to continue it); this run writes to %s", out_dir,
+                        candidate)
+    return candidate
 
 
 def _plain_args(args) -> Dict:

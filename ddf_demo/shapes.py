@@ -208,6 +208,9 @@ def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, va
     root = os.path.abspath(root)
     if is_built(root, **params):
         return root
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, _MARKER)):
+        raise ValueError(f"--demo-root {root} exists, is not empty and holds no demo dataset built by ddf "
+                         f"(no {_MARKER} marker): refusing to replace it; pass an empty or new folder")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     if verbose:
@@ -226,7 +229,7 @@ def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, va
                     img.save(os.path.join(cdir, f"{name}_{i:05d}.jpeg"), quality=90)
         with open(os.path.join(tmp, _MARKER), "w") as f:
             json.dump(params, f)
-        if os.path.isdir(root):  # stale build with other parameters
+        if os.path.isdir(root):  # empty, or our own (marked) build with other parameters
             old = root + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(root, old)

@@ -244,8 +244,8 @@ def test_atomic_checkpoint_saver_keeps_top_k(tmp_path):
     for epoch, metric in enumerate([10.0, 30.0, 20.0, 25.0]):
         saver.save_epoch({"epoch": epoch, "w": torch.full((3,), float(epoch))}, epoch, metric)
     assert saver.best == (30.0, 1)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1.pth.tar", "checkpoint-3.pth.tar", "checkpoints.json",
-                                            "last.pth.tar", "model_best.pth.tar"]
+    files = ["checkpoint-1.pth.tar", "checkpoint-3.pth.tar", "last.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(tmp_path)) == sorted(files + [f + ".sha256" for f in files] + ["checkpoints.json"])
     assert load_checkpoint_file(str(tmp_path / "model_best.pth.tar"))["epoch"] == 1
     assert load_checkpoint_file(str(tmp_path / "last.pth.tar"))["epoch"] == 3
     assert CheckpointSaver(str(tmp_path), top_k=2).best == (30.0, 1)  # ranking survives a restart
@@ -257,3 +257,100 @@ def test_atomic_checkpoint_saver_keeps_top_k(tmp_path):
         atomic_save({"x": Boom()}, str(tmp_path / "last.pth.tar"))
     assert load_checkpoint_file(str(tmp_path / "last.pth.tar"))["epoch"] == 3  # old file intact, no temp left
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------ never lose a user's data
+def test_demo_root_refuses_a_foreign_folder(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="refusing to replace it"):
+        build_demo_dataset(str(root), train_per_class=1, val_per_class=1, img_size=16, verbose=False)
+    assert (root / "thesis.txt").read_text() == "precious"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_demo_dataset(str(empty), train_per_class=1, val_per_class=1, img_size=16, verbose=False)
+    assert (empty / "ddf_demo.json").is_file()
+    # our own (marked) build with other parameters is rebuilt in place
+    build_demo_dataset(str(empty), train_per_class=2, val_per_class=1, img_size=16, verbose=False)
+
+
+def test_reused_experiment_name_gets_a_new_folder(tmp_path):
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / "summary.csv").write_text("epoch,top1\n0,1.0\n")
+    (run / "checkpoints.json").write_text("{}")
+    new = train._unused_run_dir(str(run))
+    assert new == str(run) + "-2"
+    assert (run / "summary.csv").read_text() == "epoch,top1\n0,1.0\n" and (run / "checkpoints.json").exists()
+    assert train._unused_run_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pth.tar"
+    atomic_save({"w": torch.randn(1000)}, str(path))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"last\.pth\.tar is damaged"):
+        load_checkpoint_file(str(path))
+    # a checkpoint without a checksum (older version, another tool) still loads
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(2)}, legacy)
+    assert load_checkpoint_file(str(legacy))["w"].sum() == 2
+
+
+def test_pruning_never_touches_another_run_folder(tmp_path):
+    import shutil
+
+    original = tmp_path / "run"
+    saver = CheckpointSaver(str(original), top_k=2)
+    for epoch, metric in enumerate([10.0, 30.0, 20.0]):
+        saver.save_epoch({"epoch": epoch}, epoch, metric)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    before = sorted(os.listdir(original))
+    resumed = CheckpointSaver(str(copy), top_k=2)
+    for epoch, metric in ((3, 40.0), (4, 50.0)):
+        resumed.save_epoch({"epoch": epoch}, epoch, metric)
+    assert sorted(os.listdir(original)) == before  # nothing of the original run deleted
+    assert not (copy / "checkpoint-1.pth.tar").exists() and (copy / "checkpoint-4.pth.tar").exists()
+
+
+def test_checkpoint_index_written_atomically(tmp_path, monkeypatch):
+    saver = CheckpointSaver(str(tmp_path), top_k=2)
+    saver.save_epoch({"epoch": 0}, 0, 10.0)
+    index = (tmp_path / "checkpoints.json").read_text()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        saver._write_index()
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints.json").read_text() == index  # the old index is intact
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_best_tie_keeps_the_earlier_epoch(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), top_k=2)
+    for epoch, metric in enumerate([20.0, 30.0, 30.0, 10.0]):
+        saver.save_epoch({"epoch": epoch}, epoch, metric)
+    assert saver.best == (30.0, 1)
+    assert load_checkpoint_file(str(tmp_path / "model_best.pth.tar"))["epoch"] == 1
+    assert [r[1] for r in saver.ranked] == [1, 2]
+
+
+def test_sampler_shuffles_differently_each_epoch():
+    from ddf_demo.data import ResumableSampler
+
+    sampler = ResumableSampler(50, shuffle=True, seed=4)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert all(sorted(o) == list(range(50)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    sampler.set_epoch(1)
+    assert list(sampler) == orders[1]  # and the same epoch gives the same order again
