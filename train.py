@@ -463,7 +463,7 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
     train_sampler = ResumableSampler(len(train_ds), shuffle=True, seed=args.seed, num_replicas=world_size, rank=rank)
     val_sampler = ResumableSampler(len(val_ds), shuffle=False, num_replicas=world_size, rank=rank, pad=False)
     loader_kw = dict(num_workers=args.workers, pin_memory=args.pin_mem and device.type == "cuda",
-                     persistent_workers=False)
+                     persistent_workers=False, worker_init_fn=_ignore_stop_signals if args.workers else None)
     # own generators: creating a loader iterator then draws no number from the global torch RNG, so a run resumed
     # mid-epoch sees the same RNG stream (drop-path, mixup) as an uninterrupted one
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler,
@@ -554,16 +554,17 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
         dist.all_gather_object(out, st)
         return out
 
-    stopped = {"flag": False}
-    old_handler = None
+    stopped = {"flag": False, "signal": None}
+    old_handlers = {}
     if not distributed:
         def _on_signal(signum, frame):  # finish the current step, write last.pth.tar, exit
-            stopped["flag"] = True
+            stopped.update(flag=True, signal=signum)
             _logger.warning("signal %d: saving last.pth.tar after this step and stopping", signum)
-        try:
-            old_handler = signal.signal(signal.SIGTERM, _on_signal)
-        except ValueError:  # not the main thread
-            pass
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old_handlers[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread
+                pass
 
     best = None
     metrics_hist = []
@@ -678,9 +679,10 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
             interrupted = True
             break
 
-    if old_handler is not None:
-        signal.signal(signal.SIGTERM, old_handler)
-    result = {"output": out_dir, "interrupted": interrupted, "history": metrics_hist, "global_step": global_step}
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
+    result = {"output": out_dir, "interrupted": interrupted, "history": metrics_hist, "global_step": global_step,
+              "signal": stopped["signal"]}
     if rank == 0:
         runlog.close()
         if saver.best is not None:
@@ -713,6 +715,20 @@ def _clip(model: nn.Module, args) -> None:
 _RUN_FILES = ("checkpoints.json", "summary.csv", "args.yaml", "last.pth.tar")
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and the main process
+    (which handles them: finish the step, save last.pth.tar, exit) still needs its workers for that step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _cli() -> None:
+    """Command-line entry: exit status 128 + signal number after a SIGTERM/SIGINT stop (the run is saved)."""
+    result = main()
+    if isinstance(result, dict) and result.get("signal"):
+        sys.exit(128 + int(result["signal"]))
+
+
 def _unused_run_dir(out_dir: str) -> str:
     """``out_dir``, or ``out_dir-2``, ``-3``, ... when it already holds a run: an earlier run is never overwritten."""
     candidate, n = out_dir, 1
@@ -735,4 +751,4 @@ def _plain_args(args) -> Dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(_cli)

@@ -354,3 +354,35 @@ def test_sampler_shuffles_differently_each_epoch():
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
     sampler.set_epoch(1)
     assert list(sampler) == orders[1]  # and the same epoch gives the same order again
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_to_process_group_saves_and_exits_cleanly(demo_root, tmp_path, sig):
+    """A scheduler's signal to the whole process group (SLURM scancel, Kubernetes, Ctrl-C): DataLoader workers
+    survive it, the run saves last.pth.tar after the current step, exits 128+signal without a traceback, and
+    --resume finishes the run."""
+    import signal as signal_mod
+    import time
+
+    signum = getattr(signal_mod, sig)
+    args = tiny_args(demo_root, tmp_path, "sig")
+    args[args.index("--workers") + 1] = "2"
+    args[args.index("--epochs") + 1] = "8"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if "Train:" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signum)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=240) == 128 + signum, out
+    assert "Traceback" not in out and "saving last.pth.tar" in out, out
+    last = tmp_path / "sig" / "last.pth.tar"
+    assert last.is_file()
+    resume_args = tiny_args(demo_root, tmp_path, "sig", "--resume", str(last))
+    resume_args[resume_args.index("--epochs") + 1] = "3"
+    resumed = train.main(resume_args)
+    assert not resumed["interrupted"] and resumed["history"]
