@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import timm
 from timm.data import resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
-from ddf_demo.ckpt import extract_state_dict, load_checkpoint_file
+from ddf_demo.ckpt import atomic_write_bytes, extract_state_dict, load_checkpoint_file
 from ddf_demo.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
 from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
 from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
@@ -164,19 +165,18 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
 
 
 def write_results(path: str, results: List[Dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    """Results as .json or .csv, written atomically."""
     if path.lower().endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
+        data = json.dumps(results, indent=2)
     elif path.lower().endswith(".csv"):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(results[0].keys()))
-            w.writeheader()
-            w.writerows(results)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(results[0].keys()))
+        w.writeheader()
+        w.writerows(results)
+        data = buf.getvalue()
     else:
         raise ValueError(f"--results-file must end in .csv or .json, got {path!r}")
-    os.replace(tmp, path)
+    atomic_write_bytes(data.encode(), path)
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
@@ -186,6 +186,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args.data = args.data or args.data_dir
     if args.results_file and not args.results_file.lower().endswith((".csv", ".json")):
         raise ValueError(f"--results-file must end in .csv or .json, got {args.results_file!r}")
+    if args.results_file:  # checked before any work
+        folder = os.path.dirname(os.path.abspath(args.results_file))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--results-file: folder {folder} does not exist or is not writable")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if not _logger.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
@@ -206,19 +212,29 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     else:
         pairs = [(n, None) for n in names]
 
-    results = []
+    results, failed = [], []
     for model_name, ckpt_path in pairs:
-        r = validate_one(args, model_name, ckpt_path, device)
+        try:
+            r = validate_one(args, model_name, ckpt_path, device)
+        except (DatasetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+            if len(pairs) == 1:
+                raise
+            failed.append((ckpt_path or model_name, exc))  # keep the others' results
+            print(f"FAILED {ckpt_path or model_name}: {exc}", file=sys.stderr, flush=True)
+            continue
         results.append(r)
         print(f"{r['model']} [{r['weights']}] {r['checkpoint'] or ''} on {r['images']} images "
               f"({r['img_size']}px, crop {r['crop_pct']}, {r['interpolation']}, {r['precision']}): "
               f"top-1: {r['top1']:.3f} top-5: {r['top5']:.3f} loss: {r['loss']:.4f}", flush=True)
-    if args.results_file:
+    if args.results_file and results:
         write_results(args.results_file, results)
         print(f"results written to {os.path.abspath(args.results_file)}", flush=True)
     if len(results) > 1:
         best = max(results, key=lambda r: r["top1"])
         print(f"best of {len(results)}: {best['model']} {best['checkpoint']} top-1: {best['top1']:.3f}", flush=True)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(pairs)} checkpoint(s) could not be validated: "
+                         + "; ".join(str(name) for name, _ in failed))
     return results
 
 

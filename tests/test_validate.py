@@ -93,3 +93,28 @@ def test_validate_options_amp_channels_last_and_errors(trained, tmp_path):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(other / "val" / "cat" / "a.jpeg")
     with pytest.raises(ValueError, match="differ from the classes the checkpoint was trained on"):
         validate.main([str(other), "--checkpoint", res["best_checkpoint"], "--workers", "0"])
+
+
+def test_one_bad_checkpoint_keeps_the_others_results(trained, tmp_path, capsys):
+    root, res, _ = trained
+    bad = tmp_path / "bad.pth.tar"
+    data = bytearray(open(res["best_checkpoint"], "rb").read())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))
+    (tmp_path / "bad.pth.tar.sha256").write_text(open(res["best_checkpoint"] + ".sha256").read())
+    results = tmp_path / "results.json"
+    with pytest.raises(ValueError, match=r"1 of 2 checkpoint\(s\) could not be validated: .*bad\.pth\.tar"):
+        validate.main([root, "--checkpoint", res["best_checkpoint"], str(bad), "--workers", "0",
+                       "--results-file", str(results)])
+    written = json.loads(results.read_text())
+    assert len(written) == 1 and written[0]["checkpoint"] == os.path.abspath(res["best_checkpoint"])
+    assert "bad.pth.tar is damaged" in capsys.readouterr().err
+
+
+def test_output_path_and_crop_pct_checked_before_work(trained, tmp_path):
+    root, res, _ = trained
+    with pytest.raises(ValueError, match="--results-file: folder .* does not exist"):
+        validate.main([root, "--checkpoint", res["best_checkpoint"], "--results-file",
+                       str(tmp_path / "missing" / "r.json")])
+    with pytest.raises(ValueError, match=r"--crop-pct must be in \(0, 1\], got 0.0"):
+        validate.main([root, "--checkpoint", res["best_checkpoint"], "--crop-pct", "0"])
