@@ -10,10 +10,17 @@
 # The flags --nnodes/--node-rank/--master-addr/--master-port (anywhere in the arguments) override the env vars.
 set -euo pipefail
 
-if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
+if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
+    echo "$0: NPROC (processes per node) must be an integer >= 1, got '${1:-}'" >&2
     echo "usage: $0 NPROC [--nnodes N] [--node-rank R] [--master-addr HOST] [--master-port PORT] [train.py args...]" >&2
     exit 2
 fi
+need_value() {  # an option that takes a value was given without one
+    if [[ $# -lt 2 || "$2" == --* ]]; then
+        echo "$0: $1 needs a value (e.g. $1 2)" >&2
+        exit 2
+    fi
+}
 NPROC=$1
 shift
 
@@ -26,13 +33,13 @@ PYTHON=${PYTHON:-python}
 TRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --nnodes) NNODES=$2; shift 2 ;;
+        --nnodes) need_value "$@"; NNODES=$2; shift 2 ;;
         --nnodes=*) NNODES=${1#*=}; shift ;;
-        --node-rank|--node_rank) NODE_RANK=$2; shift 2 ;;
+        --node-rank|--node_rank) need_value "$@"; NODE_RANK=$2; shift 2 ;;
         --node-rank=*|--node_rank=*) NODE_RANK=${1#*=}; shift ;;
-        --master-addr|--master_addr) MASTER_ADDR=$2; shift 2 ;;
+        --master-addr|--master_addr) need_value "$@"; MASTER_ADDR=$2; shift 2 ;;
         --master-addr=*|--master_addr=*) MASTER_ADDR=${1#*=}; shift ;;
-        --master-port|--master_port) MASTER_PORT=$2; shift 2 ;;
+        --master-port|--master_port) need_value "$@"; MASTER_PORT=$2; shift 2 ;;
         --master-port=*|--master_port=*) MASTER_PORT=${1#*=}; shift ;;
         *) TRAIN_ARGS+=("$1"); shift ;;
     esac

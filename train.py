@@ -196,7 +196,10 @@ def parse_args(argv: Optional[List[str]] = None):
                     continue
                 if v is None:
                     continue
-                cfg_model_kwargs = parse_kv(v)
+                if not isinstance(v, (list, tuple, str)):
+                    raise ValueError(f"--config {config_path}: model_kwargs must be a mapping or a list of key=value "
+                                     f"strings, got {v!r}")
+                cfg_model_kwargs = parse_kv([v] if isinstance(v, str) else v)
                 continue
             clean[key] = v
         parser.set_defaults(**clean)
@@ -212,7 +215,35 @@ def parse_args(argv: Optional[List[str]] = None):
                      "GradScaler on CUDA) or --amp --amp-dtype bfloat16")
     for name in ("scale", "ratio"):
         setattr(args, name, tuple(getattr(args, name)))
+    _check_values(parser, args)
     return args
+
+
+# option -> (minimum, maximum, maximum included); values from a YAML config bypass argparse's type conversion
+_RANGES = {"epochs": (1, None, True), "batch_size": (1, None, True), "workers": (0, None, True),
+           "smoothing": (0.0, 1.0, False), "lr": (0.0, None, True), "warmup_epochs": (0, None, True),
+           "checkpoint_hist": (0, None, True), "mixup": (0.0, None, True), "cutmix": (0.0, None, True),
+           "drop_path": (0.0, 1.0, False), "model_ema_decay": (0.0, 1.0, True)}
+
+
+def _check_values(parser: argparse.ArgumentParser, args) -> None:
+    """One line naming the option and the allowed values for a value of the wrong type or out of range."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or action.type not in (int, float) or action.nargs not in (None, "?"):
+            continue
+        ok = isinstance(value, int) and not isinstance(value, bool) if action.type is int else \
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            kind = "an integer" if action.type is int else "a number"
+            parser.error(f"{action.option_strings[-1]} must be {kind}, got {value!r}")
+    for dest, (lo, hi, hi_incl) in _RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if value < lo or (hi is not None and (value > hi or (value == hi and not hi_incl))):
+            upper = "" if hi is None else (f" and <= {hi}" if hi_incl else f" and < {hi}")
+            parser.error(f"--{dest.replace('_', '-')} must be >= {lo}{upper}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

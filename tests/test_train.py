@@ -386,3 +386,38 @@ def test_signal_to_process_group_saves_and_exits_cleanly(demo_root, tmp_path, si
     resume_args[resume_args.index("--epochs") + 1] = "3"
     resumed = train.main(resume_args)
     assert not resumed["interrupted"] and resumed["history"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--smoothing", "1.5"], "--smoothing must be >= 0.0 and < 1.0, got 1.5"),
+    (["-b", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_bad_option_values_give_one_line(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert msg in err[-1], err
+
+
+@pytest.mark.parametrize("yaml_text,msg", [
+    ("epochs: 1.5\n", "--epochs must be an integer, got 1.5"),
+    ("model_kwargs: 5\n", "model_kwargs must be a mapping or a list of key=value strings, got 5"),
+])
+def test_bad_config_values_give_one_line(tmp_path, yaml_text, msg, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: ddf_mul_resnet_tiny\n" + yaml_text)
+    with pytest.raises((SystemExit, ValueError)) as exc:
+        train.parse_args(["--config", str(cfg)])
+    text = str(exc.value) if exc.type is ValueError else capsys.readouterr().err
+    assert msg in text, text
+
+
+@pytest.mark.parametrize("argv,msg", [(["0"], "NPROC (processes per node) must be an integer >= 1, got '0'"),
+                                      (["2", "--nnodes"], "--nnodes needs a value"),
+                                      (["2", "--master-port", "--epochs", "1"], "--master-port needs a value")])
+def test_distributed_train_sh_bad_arguments(argv, msg):
+    res = subprocess.run(["bash", os.path.join(ROOT, "distributed_train.sh"), *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and msg in res.stderr, res.stderr
