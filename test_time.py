@@ -171,8 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Output files and folders are checked before any measurement (a typo must not cost a long run)."""
+    for opt in ("csv", "json", "markdown", "plot"):
+        path = getattr(args, opt)
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"--{opt}: folder {folder} does not exist or is not writable")
+    if args.save_results and not (os.path.isdir(args.save_results) and os.access(args.save_results, os.W_OK)):
+        raise ValueError(f"--save-results: {os.path.abspath(args.save_results)} is not an existing writable folder")
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill device-dependent defaults and validate; raises ValueError with a clear message."""
+    _check_output_paths(args)
     dev = str(args.device)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
         raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")

@@ -149,6 +149,8 @@ def test_cli_plot_is_skipped_or_written(tmp_path, capsys):
     (["--kernel-size", "4"], "--kernel-size"),
     (["--device", "tpu"], "--device"),
     (["--batch", "0"], "--batch"),
+    (["--csv", "/nonexistent-folder/x.csv"], "--csv: folder /nonexistent-folder does not exist"),
+    (["--save-results", "/nonexistent-folder"], "--save-results: /nonexistent-folder is not an existing"),
 ])
 def test_cli_bad_arguments(bad, match, capsys):
     with pytest.raises(SystemExit):
