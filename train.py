@@ -46,7 +46,7 @@ import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf_demo.ckpt import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
 from ddf_demo.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
                              resolve_amp, run_cli)
-from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
+from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
 from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
 from ddf_demo.shapes import build_demo_dataset
 
@@ -403,7 +403,7 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
         args.data = args.data_dir = root
     data_root = args.data
     train_probe = ImageFolderDataset(data_root, args.train_split, None, bad_image=args.bad_image, seed=args.seed)
-    val_probe = ImageFolderDataset(data_root, args.val_split, None, bad_image=args.bad_image)
+    val_probe = ImageFolderDataset(data_root, args.val_split, None, bad_image=args.bad_image, drop_bad=True)
     if train_probe.classes != val_probe.classes:
         missing = sorted(set(train_probe.classes) ^ set(val_probe.classes))
         raise DatasetError(f"class folders differ between {os.path.join(data_root, args.train_split)} and "
@@ -502,7 +502,7 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
                                                **loader_kw)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=args.validation_batch_size or args.batch_size,
                                              sampler=val_sampler, generator=torch.Generator().manual_seed(args.seed),
-                                             **loader_kw)
+                                             collate_fn=collate_readable, **loader_kw)
     steps_per_epoch = int(math.ceil(len(train_ds) / world_size)) // args.batch_size
 
     mixup_fn = None

@@ -28,7 +28,7 @@ from timm.data import resolve_data_config
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf_demo.ckpt import atomic_write_bytes, extract_state_dict, load_checkpoint_file
 from ddf_demo.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
-from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler
+from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
 from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
 from ddf_demo.shapes import build_demo_dataset
 
@@ -112,7 +112,7 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
     data_root = args.data
     if data_root is None:
         data_root = _demo_root_for(ckpt_args)
-    dataset = ImageFolderDataset(data_root, args.split, None, bad_image=args.bad_image)
+    dataset = ImageFolderDataset(data_root, args.split, None, bad_image=args.bad_image, drop_bad=True)
 
     num_classes = (args.num_classes or (ckpt.get("num_classes") if isinstance(ckpt, dict) else None)
                    or (_num_classes_from_state_dict(state_dict) if state_dict else None) or len(dataset.classes))
@@ -144,7 +144,7 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.workers,
         sampler=ResumableSampler(len(dataset), shuffle=False, pad=False),
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0), collate_fn=collate_readable)
 
     model.to(device)
     if args.channels_last:
@@ -158,7 +158,7 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
             "weights": "ema" if use_ema else ("checkpoint" if ckpt is not None else
                                               ("pretrained" if args.pretrained else "random")),
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 6),
-            "images": m["count"], "param_count": sum(p.numel() for p in model.parameters()),
+            "images": m["count"], "skipped_images": m["skipped"], "param_count": sum(p.numel() for p in model.parameters()),
             "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
             "interpolation": data_config["interpolation"], "precision": amp_note,
             "img_per_s": round(m["count"] / max(elapsed, 1e-9), 1), "data": os.path.abspath(data_root)}

@@ -75,10 +75,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: Op
     all-reduced, so a sharded, unpadded sampler gives the exact metric over the whole split."""
     model.eval()
     ctx = autocast_ctx(device, amp_dtype)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, count
+    sums = torch.zeros(5, dtype=torch.float64)  # loss_sum, top1, top5, count, unreadable images skipped
     n_batches = len(loader)
     t0 = time.time()
-    for i, (images, target) in enumerate(loader):
+    for i, (images, target, *dropped) in enumerate(loader):
+        sums[4] += dropped[0] if dropped else 0
+        if target.numel() == 0:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         if channels_last:
@@ -90,7 +93,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: Op
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hit = topk.eq(target.unsqueeze(1))
-        sums += torch.tensor([loss.item(), hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), target.numel()],
+        sums += torch.tensor([loss.item(), hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), target.numel(), 0],
                              dtype=torch.float64)
         if log_interval and (i + 1) % log_interval == 0:
             _logger.info("%s: [%d/%d] %.1f img/s", header, i + 1, n_batches, sums[3].item() / (time.time() - t0))
@@ -99,8 +102,11 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: Op
         dist.all_reduce(t)
         sums = t.cpu()
     count = max(sums[3].item(), 1.0)
+    if sums[4].item():
+        _logger.warning("%s: metrics over the %d readable images; %d unreadable image(s) skipped", header,
+                        int(sums[3].item()), int(sums[4].item()))
     return {"loss": sums[0].item() / count, "top1": 100.0 * sums[1].item() / count,
-            "top5": 100.0 * sums[2].item() / count, "count": int(sums[3].item())}
+            "top5": 100.0 * sums[2].item() / count, "count": int(sums[3].item()), "skipped": int(sums[4].item())}
 
 
 def eval_transform(data_config: Dict):

@@ -42,10 +42,7 @@ def scan_image_folder(root: str, split: str) -> Tuple[List[Tuple[str, int]], Lis
     empty = []
     for label, name in enumerate(classes):
         cdir = os.path.join(split_dir, name)
-        files = []
-        for dirpath, _, filenames in os.walk(cdir, followlinks=True):
-            files.extend(os.path.join(dirpath, f) for f in filenames
-                         if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+        files = _image_files(cdir)
         if not files:
             empty.append(os.path.abspath(cdir))
         samples.extend((f, label) for f in sorted(files))
@@ -53,6 +50,33 @@ def scan_image_folder(root: str, split: str) -> Tuple[List[Tuple[str, int]], Lis
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise DatasetError(f"{len(empty)} class folder(s) contain no images ({'/'.join(IMG_EXTENSIONS)}): {shown}")
     return samples, classes
+
+
+def _image_files(folder: str) -> List[str]:
+    """Image files under ``folder``, following symlinked folders but never one already visited (a symlink loop
+    would otherwise be walked forever)."""
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            _logger.warning("not following %s again (symlink loop or second link to %s)", dirpath, real)
+            continue
+        seen.add(real)
+        files.extend(os.path.join(dirpath, f) for f in filenames
+                     if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+    return files
+
+
+def collate_readable(batch):
+    """Collate for evaluation: drops the ``None`` samples of unreadable images and returns
+    ``(images, targets, n_dropped)``, so metrics cover the readable images only."""
+    kept = [b for b in batch if b is not None]
+    dropped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), dropped
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, dropped
 
 
 def _sample_seed(*parts: int) -> int:
@@ -75,7 +99,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     was resumed: this is what makes ``--resume`` reproduce an uninterrupted run exactly.
     """
 
-    def __init__(self, root: str, split: str, transform=None, bad_image: str = "skip", seed: Optional[int] = None):
+    def __init__(self, root: str, split: str, transform=None, bad_image: str = "skip", seed: Optional[int] = None,
+                 drop_bad: bool = False):
         if bad_image not in ("skip", "error"):
             raise ValueError(f"bad_image must be 'skip' or 'error', got {bad_image!r}")
         self.root = root
@@ -84,6 +109,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.bad_image = bad_image
         self.seed = seed
+        self.drop_bad = drop_bad  # evaluation: an unreadable image yields None (see collate_readable), no stand-in
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,14 +127,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     img = Image.open(f)
                     img = img.convert("RGB")
                 return img, label
-            except (OSError, ValueError, SyntaxError) as e:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if self.bad_image == "error":
                     raise RuntimeError(f"unreadable image {path}: {e}") from e
                 _logger.warning("skipping unreadable image %s (%s)", path, e)
+                if self.drop_bad:
+                    return None
         raise RuntimeError(f"50 consecutive unreadable images starting at {self.samples[index][0]}")
 
     def __getitem__(self, index: int):
-        img, label = self._load(index)
+        loaded = self._load(index)
+        if loaded is None:
+            return None
+        img, label = loaded
         if self.transform is not None:
             if self.seed is None:
                 img = self.transform(img)

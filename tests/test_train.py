@@ -421,3 +421,55 @@ def test_distributed_train_sh_bad_arguments(argv, msg):
     res = subprocess.run(["bash", os.path.join(ROOT, "distributed_train.sh"), *argv], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and msg in res.stderr, res.stderr
+
+
+def _two_class_folder(root):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 10, 30)).save(root / "val" / c / f"good{i}.png")
+
+
+def test_decompression_bomb_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    import logging
+
+    from PIL import Image
+
+    _two_class_folder(tmp_path)
+    bomb = tmp_path / "val" / "a" / "bomb.png"
+    Image.new("L", (300, 300)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 300x300 > 2x the limit: PIL refuses it as a bomb
+    ds = ImageFolderDataset(str(tmp_path), "val", bad_image="skip")
+    idx = [p for p, _ in ds.samples].index(str(bomb))
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("ddf.data").addHandler(handler)
+    try:
+        img, _ = ds[idx]
+    finally:
+        logging.getLogger("ddf.data").removeHandler(handler)
+    assert img.size == (8, 8) and any(str(bomb) in r.getMessage() for r in records)
+
+
+def test_symlink_loop_is_not_followed_forever(tmp_path):
+    _two_class_folder(tmp_path)
+    os.symlink(tmp_path / "val" / "a", tmp_path / "val" / "a" / "loop")
+    ds = ImageFolderDataset(str(tmp_path), "val")
+    assert ds.classes == ["a", "b"] and len(ds) == 4
+
+
+def test_validation_counts_readable_images_only(tmp_path):
+    """A corrupt validation image is dropped (not replaced by its neighbour) and the skip is counted."""
+    from ddf_demo.common import evaluate
+    from ddf_demo.data import collate_readable
+
+    _two_class_folder(tmp_path)
+    (tmp_path / "val" / "b" / "bad.png").write_bytes(b"not a png")
+    ds = ImageFolderDataset(str(tmp_path), "val", lambda im: torch.zeros(3, 4, 4), drop_bad=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_readable)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    m = evaluate(model, loader, torch.device("cpu"))
+    assert m["count"] == 4 and m["skipped"] == 1

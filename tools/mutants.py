@@ -2,7 +2,8 @@
 
 Each entry: ``id``, ``file``, ``what`` (the bug in words), ``old`` (text that must occur exactly once in the file),
 ``new`` (its replacement) and ``tests`` (the test files run against the mutant; a mutant is caught when they fail).
-Written on 2026-11-24 against the code of that day, independently of the campaign behind issue 15 (whose mutants
+Written on 2026-11-24 against the code of that day (mutants 2 and 11 were first written as equivalent
+mutants, i.e. no bug at all, and replaced by real ones), independently of the campaign behind issue 15 (whose mutants
 were not kept): other bugs of the same kinds (wrong index, wrong layout, missing check, wrong dtype, lost state).
 """
 
@@ -14,10 +15,9 @@ MUTANTS = [
     dict(id=1, file="ddf/_checks.py", what="out_size rounds down instead of up",
          old="return 0 if n == 0 else (n - 1) // stride + 1", new="return 0 if n == 0 else n // stride",
          tests=OP_TESTS),
-    dict(id=2, file="ddf/_checks.py", what="channels_last rule ignores contiguity (every 4-D tensor is channels_last)",
-         old="return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)",
-         new="return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)",
-         tests=OP_TESTS),
+    dict(id=2, file="ddf/_checks.py", what="outputs always contiguous (channels_last layout lost)",
+         old="return torch.channels_last if use_channels_last(t) else torch.contiguous_format",
+         new="return torch.contiguous_format", tests=OP_TESTS),
     dict(id=3, file="ddf/_checks.py", what="head divisibility check dropped",
          old="    if C % h != 0:\n        raise ValueError(f\"ddf: head={h} must divide",
          new="    if False:\n        raise ValueError(f\"ddf: head={h} must divide",
@@ -48,10 +48,9 @@ MUTANTS = [
          old="return tuple(g if n else None for g, n in zip(grads, need[:3]))",
          new="return tuple(g if n else None for g, n in zip((grads[0], grads[2], grads[1]), need[:3]))",
          tests=OP_TESTS),
-    dict(id=11, file="ddf/backends/registration.py", what="double backward returns grads in the wrong order",
-         old="outs = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)",
-         new="outs = torch.autograd.grad([p[0] for p in pairs], leaves[::-1], [p[1] for p in pairs], "
-             "allow_unused=True)[::-1]",
+    dict(id=11, file="ddf/backends/registration.py", what="double backward ignores the grad_input cotangent",
+         old="pairs = [(g, gg) for g, gg in zip(grads, (gg_input, gg_channel, gg_spatial)) if gg is not None]",
+         new="pairs = [(g, gg) for g, gg in zip(grads, (None, gg_channel, gg_spatial)) if gg is not None]",
          tests=OP_TESTS),
     dict(id=12, file="ddf/backends/__init__.py", what="a forced backend that cannot run falls back silently",
          old="        if not ok:\n            raise RuntimeError(f\"ddf: backend {name!r} was requested",
