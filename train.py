@@ -465,6 +465,7 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
         start_step = int(resume_ckpt.get("step", 0))
         if start_step:  # mid-epoch checkpoint: 'epoch' is the epoch in progress
             start_epoch -= 1
+        _check_resume_shape(args, resume_ckpt, _run_shape(args, world_size, len(train_probe)), start_step)
         if not args.no_resume_opt:
             if "optimizer" in resume_ckpt:
                 optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -571,6 +572,7 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "state_dict_ema": unwrap(model_ema.module).state_dict() if model_ema is not None else None,
             "eval_on_ema": eval_on_ema, "data_config": dict(data_config),
+            "run_shape": _run_shape(args, world_size, len(train_ds)),
         }
         if metrics is not None:
             st["metric"] = metrics[args.eval_metric]
@@ -744,6 +746,27 @@ def _clip(model: nn.Module, args) -> None:
 
 
 _RUN_FILES = ("checkpoints.json", "summary.csv", "args.yaml", "last.pth.tar")
+
+
+def _run_shape(args, world_size: int, train_images: int) -> Dict:
+    """The settings that map a (epoch, step) position to the samples seen: checked when resuming."""
+    return {"batch_size": int(args.batch_size), "world_size": int(world_size), "train_images": int(train_images)}
+
+
+def _check_resume_shape(args, ckpt: Dict, now: Dict, start_step: int) -> None:
+    """Refuse a resume that would silently skip or repeat samples: a different training set always; a different
+    batch size or number of processes when resuming mid-epoch (at an epoch boundary they are allowed)."""
+    saved = ckpt.get("run_shape")
+    if saved is None:  # checkpoint of an older version: only its batch size is known
+        old_args = ckpt.get("args") or {}
+        saved = {"batch_size": old_args.get("batch_size")} if isinstance(old_args, dict) else {}
+    keys = ["train_images"] + (["batch_size", "world_size"] if start_step else [])
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in keys if saved.get(k) is not None and saved[k] != now[k]]
+    if diff:
+        where = "mid-epoch (step %d)" % start_step if start_step else "at an epoch boundary"
+        raise ValueError(f"--resume {args.resume}: the run was saved {where} with different settings "
+                         f"({', '.join(diff)}); resuming would skip or repeat samples. Resume with the original "
+                         "settings, or start a new run from it with --initial-checkpoint")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -473,3 +473,18 @@ def test_validation_counts_readable_images_only(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
     m = evaluate(model, loader, torch.device("cpu"))
     assert m["count"] == 4 and m["skipped"] == 1
+
+
+def test_resume_with_other_batch_size_or_data_is_refused(demo_root, tmp_path):
+    part = train.main(tiny_args(demo_root, tmp_path, "part", "--stop-after-steps", "2"))
+    assert part["interrupted"]
+    last = os.path.join(str(tmp_path), "part", "last.pth.tar")
+    args = tiny_args(demo_root, tmp_path, "part", "--resume", last)
+    args[args.index("-b") + 1] = "8"
+    with pytest.raises(ValueError, match=r"mid-epoch \(step 2\) with different settings \(batch_size 16 -> 8\)"):
+        train.main(args)
+    ck = load_checkpoint_file(last)
+    ck["run_shape"]["train_images"] += 1  # as if saved on another training set
+    atomic_save(ck, last)
+    with pytest.raises(ValueError, match="train_images 81 -> 80"):
+        train.main(tiny_args(demo_root, tmp_path, "part", "--resume", last))
