@@ -55,6 +55,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ddf import DDFPack, backend_info, ddf  # noqa: E402
+from training.checkpoint import atomic_write_bytes  # noqa: E402
 from benchmarks.pac import PacConv2dBaseline  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +180,12 @@ def _check_output_paths(args: argparse.Namespace) -> None:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
                 raise ValueError(f"--{opt}: folder {folder} does not exist or is not writable")
-    if args.save_results and not (os.path.isdir(args.save_results) and os.access(args.save_results, os.W_OK)):
-        raise ValueError(f"--save-results: {os.path.abspath(args.save_results)} is not an existing writable folder")
+    if args.save_results:
+        folder = os.path.abspath(args.save_results)
+        if not os.path.isdir(folder) and os.path.isdir(os.path.dirname(folder)):
+            os.makedirs(folder, exist_ok=True)  # created now, before measuring, as a typo shows at once
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise ValueError(f"--save-results: {folder} is not a writable folder (nor one whose parent exists)")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -593,12 +598,7 @@ CSV_FIELDS = ["table", "entry", "label", "mode", "shape", "resolution", "dtype",
 
 
 def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode(), path)
 
 
 def write_csv(path: str, records: List[dict]) -> None:

@@ -43,12 +43,12 @@ except ImportError:  # older timm
     from timm.utils import ModelEmaV2 as ModelEma
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
-from ddf_demo.ckpt import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
-from ddf_demo.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
+from training.checkpoint import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
+from training.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
                              resolve_amp, run_cli)
-from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
-from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
-from ddf_demo.shapes import build_demo_dataset
+from training.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
+from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
+from training.demo_data import build_demo_dataset
 
 _logger = logging.getLogger("train")
 HERE = os.path.dirname(os.path.abspath(__file__))

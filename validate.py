@@ -26,11 +26,11 @@ import timm
 from timm.data import resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
-from ddf_demo.ckpt import atomic_write_bytes, extract_state_dict, load_checkpoint_file
-from ddf_demo.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
-from ddf_demo.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
-from ddf_demo.shapes import DEFAULT_ROOT as DEMO_ROOT
-from ddf_demo.shapes import build_demo_dataset
+from training.checkpoint import atomic_write_bytes, extract_state_dict, load_checkpoint_file
+from training.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
+from training.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
+from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
+from training.demo_data import build_demo_dataset
 
 _logger = logging.getLogger("validate")
 

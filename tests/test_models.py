@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import pytest
 import timm
@@ -11,11 +10,9 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import models  # noqa: E402,F401
-from ddf import DDFPack  # noqa: E402
+import models  # noqa: F401
+from ddf import DDFPack
 
 NAMES = [f"ddf_{c}_resnet{d}" for c in ("mul", "add") for d in ("18", "34", "50", "101", "152", "_tiny")]
 # DDF layers per net: bottleneck nets one per block; basic-block nets two per block minus the 3

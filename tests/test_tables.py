@@ -12,11 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import ddf  # noqa: E402
-from ddf import flops  # noqa: E402
+import ddf
+from ddf import flops
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import train  # noqa: E402
-import validate  # noqa: E402
-from ddf_demo.ckpt import CheckpointSaver, atomic_save, load_checkpoint_file  # noqa: E402
-from ddf_demo.data import DatasetError, ImageFolderDataset  # noqa: E402
-from ddf_demo.shapes import build_demo_dataset  # noqa: E402
+import train
+import validate
+from training.checkpoint import CheckpointSaver, atomic_save, load_checkpoint_file
+from training.data import DatasetError, ImageFolderDataset
+from training.demo_data import build_demo_dataset
 
 BEST_RE = re.compile(r"^best top-1: (\d+\.\d+) \(epoch (\d+)\) checkpoint: (\S+)$", re.M)
 
@@ -343,7 +341,7 @@ def test_best_tie_keeps_the_earlier_epoch(tmp_path):
 
 
 def test_sampler_shuffles_differently_each_epoch():
-    from ddf_demo.data import ResumableSampler
+    from training.data import ResumableSampler
 
     sampler = ResumableSampler(50, shuffle=True, seed=4)
     orders = []
@@ -463,8 +461,8 @@ def test_symlink_loop_is_not_followed_forever(tmp_path):
 
 def test_validation_counts_readable_images_only(tmp_path):
     """A corrupt validation image is dropped (not replaced by its neighbour) and the skip is counted."""
-    from ddf_demo.common import evaluate
-    from ddf_demo.data import collate_readable
+    from training.common import evaluate
+    from training.data import collate_readable
 
     _two_class_folder(tmp_path)
     (tmp_path / "val" / "b" / "bad.png").write_bytes(b"not a png")

@@ -10,13 +10,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import train  # noqa: E402
-import validate  # noqa: E402
-from ddf_demo.ckpt import load_checkpoint_file  # noqa: E402
-from ddf_demo.shapes import build_demo_dataset  # noqa: E402
+import train
+import validate
+from training.checkpoint import load_checkpoint_file
+from training.demo_data import build_demo_dataset
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..modules import DDFPack
+from ..state_dict import unwrap_state_dict
 
 __all__ = ["DDFBottleneck", "DDFBasicBlock", "DDF_BLOCK_KWARGS"]
 
@@ -132,14 +133,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _unwrap_state_dict(state_dict, model=None):
-    """Accept a raw state dict or a training checkpoint ({'state_dict': ..., 'arch': ...}),
-    with keys possibly prefixed ``module.`` (DataParallel/DDP)."""
-    if isinstance(state_dict, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(state_dict.get(key), dict):
-                state_dict = state_dict[key]
-                break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    """timm's pretrained filter: the weights of a raw state dict or a training checkpoint (ddf.state_dict)."""
+    return unwrap_state_dict(state_dict)
 
 
 def _has_weights_source(kwargs) -> bool:

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ddf.state_dict import unwrap_state_dict
+
 
 _logger = logging.getLogger(__name__)
 CHECKSUM_SUFFIX = ".sha256"
@@ -148,29 +150,6 @@ def load_checkpoint_file(path: str) -> Dict:
 
 
 def extract_state_dict(ckpt: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Model weights from ours (``state_dict``/``state_dict_ema``), timm's, or a bare state dict (released
-    weights). ``module.`` prefixes from DDP/DataParallel are removed."""
-    if isinstance(ckpt, dict):
-        if use_ema:
-            for key in ("state_dict_ema", "model_ema", "state_dict_ema_v3"):
-                if key in ckpt and ckpt[key] is not None:
-                    sd = ckpt[key]
-                    break
-            else:
-                raise ValueError("use_ema=True but the checkpoint holds no EMA weights (no 'state_dict_ema')")
-        elif "state_dict" in ckpt:
-            sd = ckpt["state_dict"]
-        elif "model" in ckpt and isinstance(ckpt["model"], dict):
-            sd = ckpt["model"]
-        else:
-            sd = ckpt
-    else:
-        raise TypeError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        if k.startswith("_orig_mod."):  # torch.compile wrapper
-            k = k[len("_orig_mod."):]
-        out[k] = v
-    return out
+    """Model weights of a checkpoint: :func:`ddf.state_dict.unwrap_state_dict` (the plain weights unless
+    ``use_ema``)."""
+    return unwrap_state_dict(ckpt, use_ema=bool(use_ema))

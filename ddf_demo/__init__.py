@@ -1,1 +1,0 @@
-"""Helpers for train.py / validate.py: the embedded demo dataset, folder checks, checkpoints."""
