@@ -424,3 +424,35 @@ print("FALLBACK_OK")
     env = dict(os.environ, DDF_JIT="0", DDF_BACKEND="auto", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "FALLBACK_OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_compile_sees_the_triton_kernels_for_cuda_tensors():
+    """For CUDA tensors the op body (triton_op) decomposes into the Triton kernel launches when AOTAutograd
+    traces it (what torch.compile does), so inductor sees and schedules the kernels: traced here with fake CUDA
+    tensors, no GPU needed (compiled kernels, not the interpreter, hence a subprocess)."""
+    code = r"""
+import torch, ddf
+from torch._subclasses.fake_tensor import FakeTensorMode
+from functorch.compile import aot_function
+graphs = []
+def keep(gm, inputs):
+    graphs.append(gm.code)
+    return gm
+def f(x, ch, sp):
+    return ddf.ddf(x, ch, sp, 3, 1, 1, 1, "mul", spatial_norm=True, spatial_gain=0.5)
+def b(go, x, ch, sp):
+    return torch.ops.ddf.ddf_backward(go, x, ch, sp, 3, 1, 1, 1, 0, True, 0.5)
+with FakeTensorMode():
+    x, go = torch.empty(2, 8, 9, 9, device="cuda"), torch.empty(2, 8, 9, 9, device="cuda")
+    ch = torch.empty(2, 8, 3, 3, device="cuda")
+    sp = torch.empty(2, 9, 9, 9, device="cuda")
+    aot_function(f, fw_compiler=keep)(x, ch, sp)
+    aot_function(b, fw_compiler=keep)(go, x, ch, sp)
+fw, bw = graphs
+assert "triton_kernel_wrapper_functional" in fw and "ddf_forward" not in fw, fw
+assert bw.count("triton_kernel_wrapper_functional") >= 2 and "ddf_backward" not in bw, bw
+print("TRITON_IN_GRAPH")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "TRITON_IN_GRAPH" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
