@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -378,6 +379,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 def _run(args, distributed: bool, world_size: int, rank: int, device: torch.device) -> Dict:
+    """The recipe: runtime -> data -> model -> optimiser -> resume -> loaders -> schedule -> output -> fit."""
+    r = SimpleNamespace(args=args, distributed=distributed, world_size=world_size, rank=rank, device=device)
+    _setup_runtime(r)
+    _setup_data(r)
+    _setup_model(r)
+    _setup_optimizer(r)
+    _resume(r)
+    _wrap_model(r)
+    _setup_loaders(r)
+    _setup_schedule(r)
+    _setup_output(r)
+    return _fit(r)
+
+
+def _setup_runtime(r) -> None:
+    args, device = r.args, r.device
     if args.sync_bn and device.type != "cuda":
         raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); on CPU use --dist-bn reduce")
     if args.deterministic:
@@ -392,30 +409,35 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # ---------------------------------------------------------------- data
-    demo = args.data is None
-    if demo:
+
+def _setup_data(r) -> None:
+    """Datasets (the demo one is built first when no data folder is given) and the class count."""
+    args = r.args
+    r.demo = args.data is None
+    if r.demo:
         root = os.path.abspath(args.demo_root)
-        if rank == 0:
+        if r.rank == 0:
             build_demo_dataset(root, train_per_class=args.demo_train_per_class, val_per_class=args.demo_val_per_class,
                                img_size=args.demo_img_size)
-        barrier(distributed)
+        barrier(r.distributed)
         args.data = args.data_dir = root
-    data_root = args.data
-    train_probe = ImageFolderDataset(data_root, args.train_split, None, bad_image=args.bad_image, seed=args.seed)
-    val_probe = ImageFolderDataset(data_root, args.val_split, None, bad_image=args.bad_image, drop_bad=True)
-    if train_probe.classes != val_probe.classes:
-        missing = sorted(set(train_probe.classes) ^ set(val_probe.classes))
-        raise DatasetError(f"class folders differ between {os.path.join(data_root, args.train_split)} and "
-                           f"{os.path.join(data_root, args.val_split)}: {missing[:10]}")
-    num_classes = args.num_classes or len(train_probe.classes)
-    if num_classes < len(train_probe.classes):
-        raise ValueError(f"--num-classes {num_classes} is smaller than the {len(train_probe.classes)} class folders "
-                         f"in {os.path.join(data_root, args.train_split)}")
-    args.num_classes = num_classes
+    r.data_root = args.data
+    r.train_ds = ImageFolderDataset(r.data_root, args.train_split, None, bad_image=args.bad_image, seed=args.seed)
+    r.val_ds = ImageFolderDataset(r.data_root, args.val_split, None, bad_image=args.bad_image, drop_bad=True)
+    if r.train_ds.classes != r.val_ds.classes:
+        missing = sorted(set(r.train_ds.classes) ^ set(r.val_ds.classes))
+        raise DatasetError(f"class folders differ between {os.path.join(r.data_root, args.train_split)} and "
+                           f"{os.path.join(r.data_root, args.val_split)}: {missing[:10]}")
+    r.num_classes = args.num_classes or len(r.train_ds.classes)
+    if r.num_classes < len(r.train_ds.classes):
+        raise ValueError(f"--num-classes {r.num_classes} is smaller than the {len(r.train_ds.classes)} class folders "
+                         f"in {os.path.join(r.data_root, args.train_split)}")
+    args.num_classes = r.num_classes
 
-    # ---------------------------------------------------------------- model
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
+
+def _setup_model(r) -> None:
+    args = r.args
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=r.num_classes, drop_rate=args.drop,
                               **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}),
                               **args.model_kwargs)
     if args.initial_checkpoint:
@@ -429,111 +451,127 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
                      args.initial_checkpoint, len(sd), mismatched or "none", list(missing) or "none",
                      list(unexpected) or "none")
     n_params = sum(p.numel() for p in model.parameters())
-    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    r.data_config = resolve_data_config(vars(args), model=model, verbose=False)
     _logger.info("model %s: %.2fM params, kwargs %s, data config %s", args.model, n_params / 1e6, args.model_kwargs,
-                 data_config)
-
-    model.to(device)
+                 r.data_config)
+    model.to(r.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if distributed and args.sync_bn:
+    if r.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    r.model = model
 
-    global_batch = args.batch_size * world_size
-    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    args.lr_effective = lr
+
+def _setup_optimizer(r) -> None:
+    args = r.args
+    r.global_batch = args.batch_size * r.world_size
+    r.lr = args.lr if args.lr is not None else args.lr_base * r.global_batch / args.lr_base_size
+    args.lr_effective = r.lr
     opt_kwargs = {"eps": args.opt_eps} if args.opt_eps is not None else {}
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **opt_kwargs)
-    amp_dtype, amp_note = resolve_amp(device, args.amp, args.amp_dtype)
-    autocast = autocast_ctx(device, amp_dtype)
-    scaler = make_grad_scaler(device, amp_dtype)
-    model_ema = None
+    r.optimizer = create_optimizer_v2(r.model, opt=args.opt, lr=r.lr, weight_decay=args.weight_decay,
+                                      momentum=args.momentum, **opt_kwargs)
+    r.amp_dtype, r.amp_note = resolve_amp(r.device, args.amp, args.amp_dtype)
+    r.autocast = autocast_ctx(r.device, r.amp_dtype)
+    r.scaler = make_grad_scaler(r.device, r.amp_dtype)
+    r.model_ema = None
     if args.model_ema:
-        model_ema = ModelEma(model, decay=args.model_ema_decay,
-                             device=torch.device("cpu") if args.model_ema_force_cpu else None)
+        r.model_ema = ModelEma(r.model, decay=args.model_ema_decay,
+                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, start_step, resume_ckpt = 0, 0, None
-    if args.resume:
-        resume_ckpt = load_checkpoint_file(args.resume)
-        if resume_ckpt.get("arch") and resume_ckpt["arch"] != args.model:
-            raise ValueError(f"--resume {args.resume} was trained as {resume_ckpt['arch']!r} but --model is "
-                             f"{args.model!r}")
-        unwrap(model).load_state_dict(extract_state_dict(resume_ckpt))
-        start_epoch = int(resume_ckpt.get("epoch", -1)) + 1
-        start_step = int(resume_ckpt.get("step", 0))
-        if start_step:  # mid-epoch checkpoint: 'epoch' is the epoch in progress
-            start_epoch -= 1
-        _check_resume_shape(args, resume_ckpt, _run_shape(args, world_size, len(train_probe)), start_step)
-        if not args.no_resume_opt:
-            if "optimizer" in resume_ckpt:
-                optimizer.load_state_dict(resume_ckpt["optimizer"])
-            if scaler is not None and resume_ckpt.get("scaler"):
-                scaler.load_state_dict(resume_ckpt["scaler"])
-            if model_ema is not None and resume_ckpt.get("state_dict_ema"):
-                unwrap(model_ema.module).load_state_dict(extract_state_dict(resume_ckpt, use_ema=True))
-        _logger.info("resumed from %s: epoch %d, step %d", args.resume, start_epoch, start_step)
 
-    if args.torch_compile:
-        model = torch.compile(model, backend=args.torch_compile)
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def _resume(r) -> None:
+    """--resume: weights, optimiser, scaler, EMA and the (epoch, step) position; checked against this run."""
+    args = r.args
+    r.start_epoch, r.start_step, r.resume_ckpt = 0, 0, None
+    if not args.resume:
+        return
+    ckpt = r.resume_ckpt = load_checkpoint_file(args.resume)
+    if ckpt.get("arch") and ckpt["arch"] != args.model:
+        raise ValueError(f"--resume {args.resume} was trained as {ckpt['arch']!r} but --model is {args.model!r}")
+    unwrap(r.model).load_state_dict(extract_state_dict(ckpt))
+    r.start_epoch = int(ckpt.get("epoch", -1)) + 1
+    r.start_step = int(ckpt.get("step", 0))
+    if r.start_step:  # mid-epoch checkpoint: 'epoch' is the epoch in progress
+        r.start_epoch -= 1
+    _check_resume_shape(args, ckpt, _run_shape(args, r.world_size, len(r.train_ds)), r.start_step)
+    if not args.no_resume_opt:
+        if "optimizer" in ckpt:
+            r.optimizer.load_state_dict(ckpt["optimizer"])
+        if r.scaler is not None and ckpt.get("scaler"):
+            r.scaler.load_state_dict(ckpt["scaler"])
+        if r.model_ema is not None and ckpt.get("state_dict_ema"):
+            unwrap(r.model_ema.module).load_state_dict(extract_state_dict(ckpt, use_ema=True))
+    _logger.info("resumed from %s: epoch %d, step %d", args.resume, r.start_epoch, r.start_step)
 
-    # ---------------------------------------------------------------- loaders
-    train_tf = create_transform(data_config["input_size"], is_training=True, scale=args.scale, ratio=args.ratio,
-                                hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-                                auto_augment=args.aa, interpolation=args.train_interpolation,
-                                mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob)
-    train_ds = train_probe
-    train_ds.transform = train_tf
-    val_ds = val_probe
-    val_ds.transform = eval_transform(data_config)
-    if args.batch_size > len(train_ds) // world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_ds) // world_size} training "
-                         f"images per process in {os.path.join(data_root, args.train_split)}")
-    train_sampler = ResumableSampler(len(train_ds), shuffle=True, seed=args.seed, num_replicas=world_size, rank=rank)
-    val_sampler = ResumableSampler(len(val_ds), shuffle=False, num_replicas=world_size, rank=rank, pad=False)
-    loader_kw = dict(num_workers=args.workers, pin_memory=args.pin_mem and device.type == "cuda",
+
+def _wrap_model(r) -> None:
+    if r.args.torch_compile:
+        r.model = torch.compile(r.model, backend=r.args.torch_compile)
+    if r.distributed:
+        r.model = nn.parallel.DistributedDataParallel(
+            r.model, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+
+
+def _setup_loaders(r) -> None:
+    """Transforms, resumable samplers, loaders, mixup and the training loss."""
+    args, world_size = r.args, r.world_size
+    dc = r.data_config
+    r.train_ds.transform = create_transform(dc["input_size"], is_training=True, scale=args.scale, ratio=args.ratio,
+                                            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+                                            auto_augment=args.aa, interpolation=args.train_interpolation,
+                                            mean=dc["mean"], std=dc["std"], re_prob=args.reprob)
+    r.val_ds.transform = eval_transform(dc)
+    if args.batch_size > len(r.train_ds) // world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(r.train_ds) // world_size} training "
+                         f"images per process in {os.path.join(r.data_root, args.train_split)}")
+    r.train_sampler = ResumableSampler(len(r.train_ds), shuffle=True, seed=args.seed, num_replicas=world_size,
+                                       rank=r.rank)
+    val_sampler = ResumableSampler(len(r.val_ds), shuffle=False, num_replicas=world_size, rank=r.rank, pad=False)
+    loader_kw = dict(num_workers=args.workers, pin_memory=args.pin_mem and r.device.type == "cuda",
                      persistent_workers=False, worker_init_fn=_ignore_stop_signals if args.workers else None)
     # own generators: creating a loader iterator then draws no number from the global torch RNG, so a run resumed
     # mid-epoch sees the same RNG stream (drop-path, mixup) as an uninterrupted one
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler,
-                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed),
-                                               **loader_kw)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=args.validation_batch_size or args.batch_size,
-                                             sampler=val_sampler, generator=torch.Generator().manual_seed(args.seed),
-                                             collate_fn=collate_readable, **loader_kw)
-    steps_per_epoch = int(math.ceil(len(train_ds) / world_size)) // args.batch_size
-
-    mixup_fn = None
+    r.train_loader = torch.utils.data.DataLoader(r.train_ds, batch_size=args.batch_size, sampler=r.train_sampler,
+                                                 drop_last=True, generator=torch.Generator().manual_seed(args.seed),
+                                                 **loader_kw)
+    r.val_loader = torch.utils.data.DataLoader(r.val_ds, batch_size=args.validation_batch_size or args.batch_size,
+                                               sampler=val_sampler, generator=torch.Generator().manual_seed(args.seed),
+                                               collate_fn=collate_readable, **loader_kw)
+    r.steps_per_epoch = int(math.ceil(len(r.train_ds) / world_size)) // args.batch_size
+    r.mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
-        train_loss_fn = SoftTargetCrossEntropy()
+        r.mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                           switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                           num_classes=r.num_classes)
+        r.train_loss_fn = SoftTargetCrossEntropy()
     elif args.smoothing > 0:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        r.train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
-        train_loss_fn = nn.CrossEntropyLoss()
+        r.train_loss_fn = nn.CrossEntropyLoss()
 
+
+def _setup_schedule(r) -> None:
+    args = r.args
     if args.warmup_epochs and args.warmup_epochs >= args.epochs:
         _logger.warning("--warmup-epochs %d >= --epochs %d: warming up for %d epoch(s) instead", args.warmup_epochs,
                         args.epochs, args.epochs - 1)
         args.warmup_epochs = args.epochs - 1
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+    r.scheduler, r.num_epochs = create_scheduler_v2(
+        r.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates,
-        updates_per_epoch=steps_per_epoch)
-    if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get("scheduler"):
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        updates_per_epoch=r.steps_per_epoch)
+    if r.resume_ckpt is not None and not args.no_resume_opt and r.resume_ckpt.get("scheduler"):
+        r.scheduler.load_state_dict(r.resume_ckpt["scheduler"])
     if args.sched_on_updates:
-        scheduler.step_update(start_epoch * steps_per_epoch + start_step)
+        r.scheduler.step_update(r.start_epoch * r.steps_per_epoch + r.start_step)
     else:
-        scheduler.step(start_epoch)
+        r.scheduler.step(r.start_epoch)
 
-    # ---------------------------------------------------------------- output
-    out_dir = None
+
+def _setup_output(r) -> None:
+    """The run folder (never an earlier run's), its saver and logs; train state and RNG of a resumed run."""
+    args = r.args
     if args.experiment:
         out_dir = os.path.join(args.output, args.experiment)
     elif args.resume:
@@ -541,195 +579,233 @@ def _run(args, distributed: bool, world_size: int, rank: int, device: torch.devi
     else:
         out_dir = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
     out_dir = os.path.abspath(out_dir)
-    saver = runlog = None
     if not args.resume:
         out_dir = _unused_run_dir(out_dir)
-    if rank == 0:
+    r.out_dir, r.saver, r.runlog = out_dir, None, None
+    if r.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(_plain_args(args), f, sort_keys=True)
-        saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
-        runlog = RunLog(out_dir, tensorboard=not args.no_tensorboard)
+        r.saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
+        r.runlog = RunLog(out_dir, tensorboard=not args.no_tensorboard)
     _logger.info("output: %s | %d process(es) on %s | precision: %s | global batch %d, lr %.4g | %d epochs x %d "
-                 "steps | %s", out_dir, world_size, device, amp_note, global_batch, lr, num_epochs, steps_per_epoch,
-                 "demo dataset" if demo else data_root)
+                 "steps | %s", out_dir, r.world_size, r.device, r.amp_note, r.global_batch, r.lr, r.num_epochs,
+                 r.steps_per_epoch, "demo dataset" if r.demo else r.data_root)
+    r.eval_on_ema = r.model_ema is not None
+    r.train_state = {"loss_sum": 0.0, "count": 0}
+    ckpt = r.resume_ckpt
+    if ckpt is not None:
+        if r.start_step and ckpt.get("train_state"):
+            r.train_state = dict(ckpt["train_state"])
+        if ckpt.get("rng_state") is not None:
+            rs = ckpt["rng_state"]
+            set_rng_state(rs[r.rank] if isinstance(rs, list) and r.rank < len(rs) else rs if isinstance(rs, dict)
+                          else rs[0])
+    r.resume_ckpt = None
 
-    eval_on_ema = model_ema is not None
-    train_state = {"loss_sum": 0.0, "count": 0}
-    if resume_ckpt is not None:
-        if start_step and resume_ckpt.get("train_state"):
-            train_state = dict(resume_ckpt["train_state"])
-        if resume_ckpt.get("rng_state") is not None:
-            rs = resume_ckpt["rng_state"]
-            set_rng_state(rs[rank] if isinstance(rs, list) and rank < len(rs) else rs if isinstance(rs, dict) else rs[0])
-    resume_ckpt = None
 
-    def make_state(epoch: int, step: int, metrics: Optional[Dict] = None) -> Dict:
-        st = {
-            "version": CKPT_VERSION, "arch": args.model, "args": _plain_args(args), "epoch": epoch, "step": step,
-            "num_classes": num_classes, "class_names": train_ds.classes, "model_kwargs": dict(args.model_kwargs),
-            "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-            "state_dict_ema": unwrap(model_ema.module).state_dict() if model_ema is not None else None,
-            "eval_on_ema": eval_on_ema, "data_config": dict(data_config),
-            "run_shape": _run_shape(args, world_size, len(train_ds)),
-        }
-        if metrics is not None:
-            st["metric"] = metrics[args.eval_metric]
-            st["metrics"] = metrics
+def _make_state(r, epoch: int, step: int, metrics: Optional[Dict] = None) -> Dict:
+    args = r.args
+    st = {
+        "version": CKPT_VERSION, "arch": args.model, "args": _plain_args(args), "epoch": epoch, "step": step,
+        "num_classes": r.num_classes, "class_names": r.train_ds.classes, "model_kwargs": dict(args.model_kwargs),
+        "state_dict": unwrap(r.model).state_dict(), "optimizer": r.optimizer.state_dict(),
+        "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+        "state_dict_ema": unwrap(r.model_ema.module).state_dict() if r.model_ema is not None else None,
+        "eval_on_ema": r.eval_on_ema, "data_config": dict(r.data_config),
+        "run_shape": _run_shape(args, r.world_size, len(r.train_ds)),
+    }
+    if metrics is not None:
+        st["metric"] = metrics[args.eval_metric]
+        st["metrics"] = metrics
+    return st
+
+
+def _gather_rng(r) -> object:
+    st = rng_state()
+    if not r.distributed:
         return st
+    out = [None] * r.world_size
+    dist.all_gather_object(out, st)
+    return out
 
-    def gather_rng() -> object:
-        st = rng_state()
-        if not distributed:
-            return st
-        out = [None] * world_size
-        dist.all_gather_object(out, st)
-        return out
 
-    stopped = {"flag": False, "signal": None}
-    old_handlers = {}
-    if not distributed:
-        def _on_signal(signum, frame):  # finish the current step, write last.pth.tar, exit
-            stopped.update(flag=True, signal=signum)
-            _logger.warning("signal %d: saving last.pth.tar after this step and stopping", signum)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                old_handlers[sig] = signal.signal(sig, _on_signal)
-            except ValueError:  # not the main thread
-                pass
+def _install_stop_handlers(r) -> Dict:
+    """SIGTERM/SIGINT set r.stopped (single process): the step finishes, last.pth.tar is written, the run ends."""
+    r.stopped = {"flag": False, "signal": None}
+    old = {}
+    if r.distributed:
+        return old
 
-    best = None
-    metrics_hist = []
-    global_step = start_epoch * steps_per_epoch + start_step
-    total_steps = num_epochs * steps_per_epoch
-    run_t0 = time.time()
-    run_steps_done = 0
-    interrupted = False
-    for epoch in range(start_epoch, num_epochs):
-        step0 = start_step if epoch == start_epoch else 0
-        if step0 == 0:
-            train_state = {"loss_sum": 0.0, "count": 0}
-        train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
-        train_ds.set_epoch(epoch)
-        model.train()
-        ep_t0 = time.time()
-        seen = 0
-        for i, (images, target) in enumerate(train_loader, start=step0):
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                images, target = mixup_fn(images, target)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                output = model(images)
-                loss = train_loss_fn(output.float(), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or use "
-                                         f"--clip-grad")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if args.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    _clip(model, args)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if args.clip_grad is not None:
-                    _clip(model, args)
-                optimizer.step()
-            if model_ema is not None:
-                model_ema.update(unwrap(model), step=global_step) if _ema_takes_step() else model_ema.update(unwrap(model))
-            global_step += 1
-            run_steps_done += 1
-            seen += images.shape[0]
-            train_state["loss_sum"] += loss.item() * images.shape[0]
-            train_state["count"] += images.shape[0]
-            if args.sched_on_updates:
-                scheduler.step_update(global_step)
-            last_step = i + 1 == steps_per_epoch
-            if rank == 0 and args.log_interval and ((i + 1) % args.log_interval == 0 or last_step):
-                el = time.time() - ep_t0
-                rate = seen * world_size / max(el, 1e-9)
-                per_step = (time.time() - run_t0) / max(run_steps_done, 1)
-                _logger.info("Train: %d [%4d/%d (%3.0f%%)]  loss %.4f (%.4f)  lr %.3e  %.1f img/s  ETA epoch %s  "
-                             "run %s", epoch, i + 1, steps_per_epoch, 100.0 * (i + 1) / steps_per_epoch, loss.item(),
-                             train_state["loss_sum"] / max(train_state["count"], 1),
-                             optimizer.param_groups[0]["lr"], rate, fmt_time(per_step * (steps_per_epoch - i - 1)),
-                             fmt_time(per_step * (total_steps - global_step)))
-                runlog.step("train/loss", loss.item(), global_step)
-            want_stop = bool(args.stop_after_steps and global_step >= args.stop_after_steps and not last_step)
-            want_stop = want_stop or stopped["flag"]
-            periodic = bool(args.checkpoint_interval and (i + 1) % args.checkpoint_interval == 0 and not last_step)
-            if want_stop or periodic:
-                rng = gather_rng()
-                if rank == 0:
-                    st = make_state(epoch, i + 1)
-                    st["train_state"] = dict(train_state)
-                    st["rng_state"] = rng
-                    saver.save_last(st)
-                    _logger.info("saved mid-epoch checkpoint %s (epoch %d, step %d)", saver.last_path, epoch, i + 1)
-            if want_stop:
-                interrupted = True
-                break
-            if last_step:
-                break
-        if interrupted:
+    def _on_signal(signum, frame):
+        r.stopped.update(flag=True, signal=signum)
+        _logger.warning("signal %d: saving last.pth.tar after this step and stopping", signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread
+            pass
+    return old
+
+
+def _train_step(r, images, target) -> torch.Tensor:
+    args = r.args
+    images = images.to(r.device, non_blocking=True)
+    target = target.to(r.device, non_blocking=True)
+    if r.mixup_fn is not None:
+        images, target = r.mixup_fn(images, target)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with r.autocast():
+        output = r.model(images)
+        loss = r.train_loss_fn(output.float(), target)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {r.epoch} step {r.i}; lower --lr or use "
+                                 f"--clip-grad")
+    r.optimizer.zero_grad(set_to_none=True)
+    if r.scaler is not None:
+        r.scaler.scale(loss).backward()
+        if args.clip_grad is not None:
+            r.scaler.unscale_(r.optimizer)
+            _clip(r.model, args)
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+    else:
+        loss.backward()
+        if args.clip_grad is not None:
+            _clip(r.model, args)
+        r.optimizer.step()
+    if r.model_ema is not None:
+        if _ema_takes_step():
+            r.model_ema.update(unwrap(r.model), step=r.global_step)
+        else:
+            r.model_ema.update(unwrap(r.model))
+    return loss
+
+
+def _log_step(r, loss, seen: int, ep_t0: float) -> None:
+    el = time.time() - ep_t0
+    per_step = (time.time() - r.run_t0) / max(r.run_steps_done, 1)
+    _logger.info("Train: %d [%4d/%d (%3.0f%%)]  loss %.4f (%.4f)  lr %.3e  %.1f img/s  ETA epoch %s  run %s",
+                 r.epoch, r.i + 1, r.steps_per_epoch, 100.0 * (r.i + 1) / r.steps_per_epoch, loss.item(),
+                 r.train_state["loss_sum"] / max(r.train_state["count"], 1), r.optimizer.param_groups[0]["lr"],
+                 seen * r.world_size / max(el, 1e-9), fmt_time(per_step * (r.steps_per_epoch - r.i - 1)),
+                 fmt_time(per_step * (r.total_steps - r.global_step)))
+    r.runlog.step("train/loss", loss.item(), r.global_step)
+
+
+def train_one_epoch(r, epoch: int) -> bool:
+    """One epoch (from the resume step in the first one); True when the run was stopped mid-epoch."""
+    args = r.args
+    step0 = r.start_step if epoch == r.start_epoch else 0
+    if step0 == 0:
+        r.train_state = {"loss_sum": 0.0, "count": 0}
+    r.train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
+    r.train_ds.set_epoch(epoch)
+    r.model.train()
+    r.epoch, ep_t0, seen = epoch, time.time(), 0
+    for r.i, (images, target) in enumerate(r.train_loader, start=step0):
+        loss = _train_step(r, images, target)
+        r.global_step += 1
+        r.run_steps_done += 1
+        seen += images.shape[0]
+        r.train_state["loss_sum"] += loss.item() * images.shape[0]
+        r.train_state["count"] += images.shape[0]
+        if args.sched_on_updates:
+            r.scheduler.step_update(r.global_step)
+        last_step = r.i + 1 == r.steps_per_epoch
+        if r.rank == 0 and args.log_interval and ((r.i + 1) % args.log_interval == 0 or last_step):
+            _log_step(r, loss, seen, ep_t0)
+        want_stop = bool(args.stop_after_steps and r.global_step >= args.stop_after_steps and not last_step)
+        want_stop = want_stop or r.stopped["flag"]
+        periodic = bool(args.checkpoint_interval and (r.i + 1) % args.checkpoint_interval == 0 and not last_step)
+        if want_stop or periodic:
+            rng = _gather_rng(r)
+            if r.rank == 0:
+                st = _make_state(r, epoch, r.i + 1)
+                st["train_state"] = dict(r.train_state)
+                st["rng_state"] = rng
+                r.saver.save_last(st)
+                _logger.info("saved mid-epoch checkpoint %s (epoch %d, step %d)", r.saver.last_path, epoch, r.i + 1)
+        if want_stop:
+            return True
+        if last_step:
             break
+    r.epoch_time = time.time() - ep_t0
+    return False
 
-        if distributed and args.dist_bn:
-            distribute_bn(model, world_size, args.dist_bn == "reduce")
-        ev = evaluate(model, val_loader, device, amp_dtype, args.channels_last, distributed)
-        row = {"epoch": epoch, "train_loss": train_state["loss_sum"] / max(train_state["count"], 1),
-               "eval_loss": ev["loss"], "eval_top1": ev["top1"], "eval_top5": ev["top5"],
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - ep_t0, 2)}
-        metrics = ev
-        if model_ema is not None:
-            if distributed and args.dist_bn:
-                distribute_bn(model_ema, world_size, args.dist_bn == "reduce")
-            ev_ema = evaluate(model_ema.module, val_loader, device, amp_dtype, args.channels_last, distributed)
-            row.update({"ema_eval_loss": ev_ema["loss"], "ema_eval_top1": ev_ema["top1"],
-                        "ema_eval_top5": ev_ema["top5"]})
-            metrics = ev_ema
-        if not args.sched_on_updates:
-            scheduler.step(epoch + 1, metrics[args.eval_metric])
-        _logger.info("Epoch %d: train loss %.4f | val loss %.4f top-1 %.3f top-5 %.3f%s | %.1fs", epoch,
-                     row["train_loss"], ev["loss"], ev["top1"], ev["top5"],
-                     f" | EMA top-1 {row['ema_eval_top1']:.3f}" if model_ema is not None else "",
-                     row["epoch_time_s"])
-        rng = gather_rng()
-        if rank == 0:
-            st = make_state(epoch, 0, {k: metrics[k] for k in ("loss", "top1", "top5")})
-            st["rng_state"] = rng
-            best = saver.save_epoch(st, epoch, metrics[args.eval_metric])
-            runlog.epoch(row)
-        metrics_hist.append(row)
-        if stopped["flag"] or (args.stop_after_steps and global_step >= args.stop_after_steps
-                               and epoch + 1 < num_epochs):
+
+def _end_epoch(r, epoch: int) -> None:
+    """Evaluate (model and EMA), step the epoch scheduler, save last/best/top-k, log the summary row."""
+    args = r.args
+    if r.distributed and args.dist_bn:
+        distribute_bn(r.model, r.world_size, args.dist_bn == "reduce")
+    ev = evaluate(r.model, r.val_loader, r.device, r.amp_dtype, args.channels_last, r.distributed)
+    row = {"epoch": epoch, "train_loss": r.train_state["loss_sum"] / max(r.train_state["count"], 1),
+           "eval_loss": ev["loss"], "eval_top1": ev["top1"], "eval_top5": ev["top5"],
+           "lr": r.optimizer.param_groups[0]["lr"], "epoch_time_s": round(r.epoch_time, 2)}
+    metrics = ev
+    if r.model_ema is not None:
+        if r.distributed and args.dist_bn:
+            distribute_bn(r.model_ema, r.world_size, args.dist_bn == "reduce")
+        ev_ema = evaluate(r.model_ema.module, r.val_loader, r.device, r.amp_dtype, args.channels_last, r.distributed)
+        row.update({"ema_eval_loss": ev_ema["loss"], "ema_eval_top1": ev_ema["top1"], "ema_eval_top5": ev_ema["top5"]})
+        metrics = ev_ema
+    if not args.sched_on_updates:
+        r.scheduler.step(epoch + 1, metrics[args.eval_metric])
+    _logger.info("Epoch %d: train loss %.4f | val loss %.4f top-1 %.3f top-5 %.3f%s | %.1fs", epoch,
+                 row["train_loss"], ev["loss"], ev["top1"], ev["top5"],
+                 f" | EMA top-1 {row['ema_eval_top1']:.3f}" if r.model_ema is not None else "", row["epoch_time_s"])
+    rng = _gather_rng(r)
+    if r.rank == 0:
+        st = _make_state(r, epoch, 0, {k: metrics[k] for k in ("loss", "top1", "top5")})
+        st["rng_state"] = rng
+        r.saver.save_epoch(st, epoch, metrics[args.eval_metric])
+        r.runlog.epoch(row)
+    r.metrics_hist.append(row)
+
+
+def _fit(r) -> Dict:
+    """The epochs; returns the result dict (and prints the final result line on rank 0)."""
+    args = r.args
+    old_handlers = _install_stop_handlers(r)
+    r.metrics_hist = []
+    r.global_step = r.start_epoch * r.steps_per_epoch + r.start_step
+    r.total_steps = r.num_epochs * r.steps_per_epoch
+    r.run_t0, r.run_steps_done = time.time(), 0
+    interrupted = False
+    for epoch in range(r.start_epoch, r.num_epochs):
+        if train_one_epoch(r, epoch):
             interrupted = True
             break
-
+        _end_epoch(r, epoch)
+        if r.stopped["flag"] or (args.stop_after_steps and r.global_step >= args.stop_after_steps
+                                 and epoch + 1 < r.num_epochs):
+            interrupted = True
+            break
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
-    result = {"output": out_dir, "interrupted": interrupted, "history": metrics_hist, "global_step": global_step,
-              "signal": stopped["signal"]}
-    if rank == 0:
-        runlog.close()
-        if saver.best is not None:
-            result.update(best_metric=saver.best[0], best_epoch=saver.best[1], best_checkpoint=saver.best_path)
-            name = "top-1" if args.eval_metric == "top1" else args.eval_metric
-            if interrupted:
-                _logger.info("stopped at step %d; resume with --resume %s", global_step, saver.last_path)
-            print(f"best {name}: {saver.best[0]:.3f} (epoch {saver.best[1]}) checkpoint: {saver.best_path}",
-                  flush=True)
-        elif interrupted:
-            print(f"stopped at step {global_step} before the first epoch ended; resume with --resume "
-                  f"{saver.last_path}", flush=True)
-    barrier(distributed)
+    result = {"output": r.out_dir, "interrupted": interrupted, "history": r.metrics_hist,
+              "global_step": r.global_step, "signal": r.stopped["signal"]}
+    if r.rank == 0:
+        _report(r, result, interrupted)
+    barrier(r.distributed)
     return result
+
+
+def _report(r, result: Dict, interrupted: bool) -> None:
+    saver = r.saver
+    r.runlog.close()
+    if saver.best is not None:
+        result.update(best_metric=saver.best[0], best_epoch=saver.best[1], best_checkpoint=saver.best_path)
+        name = "top-1" if r.args.eval_metric == "top1" else r.args.eval_metric
+        if interrupted:
+            _logger.info("stopped at step %d; resume with --resume %s", r.global_step, saver.last_path)
+        print(f"best {name}: {saver.best[0]:.3f} (epoch {saver.best[1]}) checkpoint: {saver.best_path}", flush=True)
+    elif interrupted:
+        print(f"stopped at step {r.global_step} before the first epoch ended; resume with --resume "
+              f"{saver.last_path}", flush=True)
 
 
 def _ema_takes_step() -> bool:
