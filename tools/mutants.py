@@ -2,7 +2,7 @@
 
 Each entry: ``id``, ``file``, ``what`` (the bug in words), ``old`` (text that must occur exactly once in the file),
 ``new`` (its replacement) and ``tests`` (the test files run against the mutant; a mutant is caught when they fail).
-Written on 2026-11-24 against the code of that day (mutants 2 and 11 were first written as equivalent
+Written on 2026-11-24 against the code of that day (mutants 2, 11 and 26 were first written as equivalent
 mutants, i.e. no bug at all, and replaced by real ones), independently of the campaign behind issue 15 (whose mutants
 were not kept): other bugs of the same kinds (wrong index, wrong layout, missing check, wrong dtype, lost state).
 """
@@ -92,9 +92,9 @@ MUTANTS = [
          old="return part.sum(dim=0).reshape(B, C, kernel_size, kernel_size).to(input.dtype)",
          new="return part.sum(dim=0).transpose(1, 2).reshape(B, C, kernel_size, kernel_size).to(input.dtype)",
          tests=KERNEL_TESTS),
-    dict(id=26, file="ddf/backends/triton/launch.py", what="Triton half precision accumulates in the input dtype",
-         old="ACC_F64=input.dtype == torch.float64)", new="ACC_F64=input.dtype == torch.float64 or input.dtype == torch.float16)",
-         tests=KERNEL_TESTS),
+    dict(id=26, file="ddf/backends/triton/launch.py", what="Triton grad_channel partials kept in half precision",
+         old="    return torch.float64 if dtype == torch.float64 else torch.float32",
+         new="    return dtype", tests=KERNEL_TESTS),
     # ---- modules and models
     dict(id=27, file="ddf/modules.py", what="fused path uses gain 1 instead of the FilterNorm scale",
          old="    return x, float(last.std)", new="    return x, 1.0", tests=["tests/test_fused.py", "tests/test_modules.py"]),
