@@ -12,6 +12,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import models  # noqa: F401
+import ddf
 from ddf import DDFPack
 
 NAMES = [f"ddf_{c}_resnet{d}" for c in ("mul", "add") for d in ("18", "34", "50", "101", "152", "_tiny")]
@@ -166,3 +167,39 @@ def test_wrong_architecture_checkpoint(saved, how):
             timm.create_model("ddf_add_resnet18", checkpoint_path=str(raw))
         else:
             timm.create_model("ddf_mul_resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(raw)))
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_dilated_ddf_resnet_follows_timm_dilation_rules(output_stride):
+    """output_stride 8/16: every DDFPack gets the dilation and stride timm gives the 3x3 conv it replaces."""
+    ddf_net = timm.create_model("ddf_mul_resnet50", output_stride=output_stride)
+    ref = timm.create_model("resnet50", output_stride=output_stride)
+    checked = 0
+    for name, module in ddf_net.named_modules():
+        if type(module).__name__ == "DDFPack":
+            conv = ref.get_submodule(name)
+            assert (module.dilation, module.stride) == (conv.dilation[0], conv.stride[0]), name
+            checked += 1
+    assert checked == 16
+    x = torch.randn(1, 3, 64, 64)
+    assert ddf_net.forward_features(x).shape[-1] == 64 // output_stride
+
+
+def test_ddf_up_pack_dw_kernel_size():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 5)
+    outs = {}
+    for dw in (1, 3, 5):
+        torch.manual_seed(1)
+        up = ddf.DDFUpPack(8, kernel_size=3, scale_factor=2, dw_kernel_size=dw)
+        first = up.spatial_branch[0][0]
+        if dw == 1:
+            assert first.kernel_size == (1, 1) and first.out_channels == 9  # straight to the 1x1 filter conv
+        else:
+            assert first.kernel_size == (dw, dw) and first.padding == (dw // 2, dw // 2) and first.groups == 8
+        y = up(x)
+        assert y.shape == (2, 8, 12, 10)
+        y.sum().backward()
+        assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+        outs[dw] = y.detach()
+    assert not torch.allclose(outs[3], outs[5])
