@@ -44,7 +44,7 @@ except ImportError:  # older timm
     from timm.utils import ModelEmaV2 as ModelEma
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
-from training.checkpoint import CheckpointSaver, atomic_save, extract_state_dict, load_checkpoint_file
+from training.checkpoint import CheckpointSaver, extract_state_dict, load_checkpoint_file
 from training.common import (autocast_ctx, eval_transform, evaluate, fmt_time, make_grad_scaler, parse_kv,
                              resolve_amp, run_cli)
 from training.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable

@@ -7,7 +7,7 @@ import torch
 import ddf
 from ddf import backends
 from ddf.modules import FilterNorm
-from ddf.reference import ddf_reference, spatial_filter_norm
+from ddf.reference import spatial_filter_norm
 
 CPU = torch.device("cpu")
 KERNEL_BACKENDS = ["cpp"] + (["triton"] if backends.can_run_triton(CPU)[0] else [])

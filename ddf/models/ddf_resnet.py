@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
