@@ -10,17 +10,13 @@
 # The flags --nnodes/--node-rank/--master-addr/--master-port (anywhere in the arguments) override the env vars.
 set -euo pipefail
 
-if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
-    echo "$0: NPROC (processes per node) must be an integer >= 1, got '${1:-}'" >&2
-    echo "usage: $0 NPROC [--nnodes N] [--node-rank R] [--master-addr HOST] [--master-port PORT] [train.py args...]" >&2
-    exit 2
+die() { echo "error: $*" >&2; exit 2; }
+if [[ $# -lt 1 ]]; then
+    die "NPROC missing: usage $0 NPROC [--nnodes N] [--node-rank R] [--master-addr HOST] [--master-port PORT] [train.py args...]"
 fi
-need_value() {  # an option that takes a value was given without one
-    if [[ $# -lt 2 || "$2" == --* ]]; then
-        echo "$0: $1 needs a value (e.g. $1 2)" >&2
-        exit 2
-    fi
-}
+if [[ ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
+    die "NPROC (processes per node) must be an integer >= 1, got '$1'"
+fi
 NPROC=$1
 shift
 
@@ -30,20 +26,30 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-}
 PYTHON=${PYTHON:-python}
 
+# value of a launcher flag: the next argument, which must exist and not be another option
+need() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value (e.g. $1 $3)"; }
 TRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --nnodes) need_value "$@"; NNODES=$2; shift 2 ;;
+        --nnodes|--node-rank|--node_rank|--master-port|--master_port) need "$1" "${2:-}" 2 ;;&
+        --master-addr|--master_addr) need "$1" "${2:-}" 10.0.0.1 ;;&
+        --nnodes) NNODES=$2; shift 2 ;;
         --nnodes=*) NNODES=${1#*=}; shift ;;
-        --node-rank|--node_rank) need_value "$@"; NODE_RANK=$2; shift 2 ;;
+        --node-rank|--node_rank) NODE_RANK=$2; shift 2 ;;
         --node-rank=*|--node_rank=*) NODE_RANK=${1#*=}; shift ;;
-        --master-addr|--master_addr) need_value "$@"; MASTER_ADDR=$2; shift 2 ;;
+        --master-addr|--master_addr) MASTER_ADDR=$2; shift 2 ;;
         --master-addr=*|--master_addr=*) MASTER_ADDR=${1#*=}; shift ;;
-        --master-port|--master_port) need_value "$@"; MASTER_PORT=$2; shift 2 ;;
+        --master-port|--master_port) MASTER_PORT=$2; shift 2 ;;
         --master-port=*|--master_port=*) MASTER_PORT=${1#*=}; shift ;;
         *) TRAIN_ARGS+=("$1"); shift ;;
     esac
 done
+
+for spec in "NNODES --nnodes $NNODES 1" "NODE_RANK --node-rank $NODE_RANK 0" "MASTER_PORT --master-port ${MASTER_PORT:-1} 1"; do
+    read -r name flag value lo <<< "$spec"
+    [[ "$value" =~ ^[0-9]+$ && "$value" -ge "$lo" ]] || die "$name ($flag) must be an integer >= $lo, got '$value'"
+done
+(( NODE_RANK < NNODES )) || die "NODE_RANK (--node-rank) must be < NNODES ($NNODES), got $NODE_RANK"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # torchrun would set 1 thread per process anyway; on a CPU-only run spread the cores over the processes

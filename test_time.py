@@ -55,8 +55,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ddf import DDFPack, backend_info, ddf  # noqa: E402
-from training.checkpoint import atomic_write_bytes  # noqa: E402
 from benchmarks.pac import PacConv2dBaseline  # noqa: E402
+from training.io import atomic_write, check_output_dir, check_output_file  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (float32 forward, single GTX/RTX 2080 Ti).
@@ -172,25 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_output_paths(args: argparse.Namespace) -> None:
-    """Output files and folders are checked before any measurement (a typo must not cost a long run)."""
-    for opt in ("csv", "json", "markdown", "plot"):
-        path = getattr(args, opt)
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise ValueError(f"--{opt}: folder {folder} does not exist or is not writable")
-    if args.save_results:
-        folder = os.path.abspath(args.save_results)
-        if not os.path.isdir(folder) and os.path.isdir(os.path.dirname(folder)):
-            os.makedirs(folder, exist_ok=True)  # created now, before measuring, as a typo shows at once
-        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-            raise ValueError(f"--save-results: {folder} is not a writable folder (nor one whose parent exists)")
-
-
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill device-dependent defaults and validate; raises ValueError with a clear message."""
-    _check_output_paths(args)
     dev = str(args.device)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
         raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
@@ -597,10 +580,6 @@ CSV_FIELDS = ["table", "entry", "label", "mode", "shape", "resolution", "dtype",
               "peak_above_inputs_mib", "min_bytes", "achieved_gbps", "paper_ms", "paper_mem", "error"]
 
 
-def _atomic_write(path: str, text: str) -> None:
-    atomic_write_bytes(text.encode(), path)
-
-
 def write_csv(path: str, records: List[dict]) -> None:
     import io
     buf = io.StringIO()
@@ -608,7 +587,7 @@ def write_csv(path: str, records: List[dict]) -> None:
     w.writeheader()
     for r in records:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def write_plot(path: str, meta: Dict[str, object], records: List[dict], args: argparse.Namespace) -> bool:
@@ -648,12 +627,21 @@ def write_plot(path: str, meta: Dict[str, object], records: List[dict], args: ar
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return True
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is checked before the measurements start (ValueError naming the option)."""
+    for option, suffixes in (("csv", (".csv",)), ("json", (".json",)), ("markdown", None), ("plot", (".png",))):
+        path = getattr(args, option)
+        if path:
+            check_output_file(path, "--" + option, suffixes=suffixes)
+    if args.save_results:
+        check_output_dir(args.save_results, "--save-results")
 
 
 def _slug(text: str) -> str:
@@ -668,6 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     try:
         args = resolve_args(args)
+        check_outputs(args)
     except ValueError as exc:
         parser.error(str(exc))
     device = torch.device(args.device)
@@ -722,9 +711,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if args.csv:
         write_csv(args.csv, records)
     if args.json:
-        _atomic_write(args.json, json.dumps(dict(meta=meta, records=records), indent=1))
+        atomic_write(args.json, json.dumps(dict(meta=meta, records=records), indent=1))
     if args.markdown:
-        _atomic_write(args.markdown, report + "\n")
+        atomic_write(args.markdown, report + "\n")
     if args.plot:
         result["plot"] = write_plot(args.plot, meta, records, args)
     if args.save_results:
@@ -732,8 +721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         kind = "gpu" if device.type == "cuda" else "cpu"
         base = os.path.join(args.save_results,
                             f"{day}_{kind}_{_slug(str(meta['device_name']))}_{args.dtype}_{args.memory_format}")
-        _atomic_write(base + ".md", report + "\n")
-        _atomic_write(base + ".json", json.dumps(dict(meta=meta, records=records), indent=1))
+        atomic_write(base + ".md", report + "\n")
+        atomic_write(base + ".json", json.dumps(dict(meta=meta, records=records), indent=1))
         result["saved"] = [base + ".md", base + ".json"]
         if "A" in args.tables and write_plot(base + ".png", meta, records, args):
             result["saved"].append(base + ".png")

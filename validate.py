@@ -23,24 +23,28 @@ from typing import Dict, List, Optional
 import torch
 
 import timm
-from timm.data import resolve_data_config
+from timm.data import create_transform, resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
-from training.checkpoint import atomic_write_bytes, extract_state_dict, load_checkpoint_file
-from training.common import eval_transform, evaluate, parse_kv, resolve_amp, run_cli
-from training.data import DatasetError, ImageFolderDataset, ResumableSampler, collate_readable
+from training import cli
+from training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
+from training.data import BAD_IMAGE_CHOICES, DatasetError, ResumableSampler, collate_skip, create_dataset
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset
+from training.engine import evaluate
+from training.io import atomic_write, check_output_file
+from training.runtime import autocast_ctx, init_runtime, resolve_amp
 
 _logger = logging.getLogger("validate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Validate DDF-ResNets / timm models",
+    p = cli.Parser(description="Validate DDF-ResNets / timm models",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", nargs="?", default=None, metavar="DIR",
                    help="dataset root with <split>/<class>/*.jpeg; omitted: the demo dataset's val split")
     p.add_argument("--data-dir", default=None, help="same as the positional DIR")
+    p.add_argument("--dataset", default="", help="'' (image folder or <split>.tar) or hfds/<name>")
     p.add_argument("--split", default="val")
     p.add_argument("--model", nargs="+", default=None,
                    help="model name(s); optional when the checkpoint records 'arch'. One name applies to every "
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native torch.amp autocast (float16 on CUDA by default, bfloat16 on CPU)")
     p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--bad-image", default="skip", choices=("skip", "error"))
+    p.add_argument("--bad-image", default="skip", choices=BAD_IMAGE_CHOICES,
+                   help="unreadable image: skip it (counted, not scored) or stop with its path")
     p.add_argument("--results-file", default="", help="write results as .csv or .json")
     p.add_argument("--log-interval", type=int, default=0)
     return p
@@ -90,140 +95,158 @@ def _demo_root_for(ckpt_args: Dict) -> str:
     return os.path.abspath(root)
 
 
-def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], device: torch.device) -> Dict:
-    ckpt = load_checkpoint_file(ckpt_path) if ckpt_path else None
-    ckpt_args = (ckpt.get("args") if isinstance(ckpt, dict) else None) or {}
+class ValidationFailed(RuntimeError):
+    """Some checkpoints could not be evaluated; the results of the others were printed and written."""
+
+
+def _checkpoint_info(ckpt_path: Optional[str]) -> Dict:
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None and not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {os.path.abspath(ckpt_path)} holds a {type(ckpt).__name__}, not a dict")
+    ckpt = ckpt or {}
+    ckpt_args = ckpt.get("args") or {}
     if not isinstance(ckpt_args, dict):  # argparse.Namespace from timm's train.py
         ckpt_args = vars(ckpt_args)
-    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    if model_name is None:
-        if not arch:
-            raise ValueError(f"--model is required: checkpoint {ckpt_path} records no 'arch'")
-        model_name = arch
-    elif arch and arch != model_name:
-        _logger.warning("checkpoint %s records arch %r; using --model %r", ckpt_path, arch, model_name)
+    return {"ckpt": ckpt if ckpt_path else None, "args": ckpt_args, "arch": ckpt.get("arch"),
+            "num_classes": ckpt.get("num_classes"), "class_names": ckpt.get("class_names"),
+            "model_kwargs": dict(ckpt.get("model_kwargs") or {}), "data_config": ckpt.get("data_config")}
 
-    use_ema = args.use_ema
-    if use_ema is None:
-        use_ema = bool(isinstance(ckpt, dict) and ckpt.get("eval_on_ema") and ckpt.get("state_dict_ema"))
-    state_dict = extract_state_dict(ckpt, use_ema=use_ema) if ckpt is not None else None
 
-    # data
-    data_root = args.data
-    if data_root is None:
-        data_root = _demo_root_for(ckpt_args)
-    dataset = ImageFolderDataset(data_root, args.split, None, bad_image=args.bad_image, drop_bad=True)
-
-    num_classes = (args.num_classes or (ckpt.get("num_classes") if isinstance(ckpt, dict) else None)
-                   or (_num_classes_from_state_dict(state_dict) if state_dict else None) or len(dataset.classes))
-    class_names = ckpt.get("class_names") if isinstance(ckpt, dict) else None
-    if class_names and list(class_names) != list(dataset.classes):
-        raise DatasetError(f"class folders of {os.path.join(os.path.abspath(data_root), args.split)} differ from "
-                           f"the classes the checkpoint was trained on: {sorted(set(class_names) ^ set(dataset.classes))[:10]}")
+def _check_classes(info: Dict, dataset, num_classes: int) -> None:
+    names = info["class_names"]
+    if names and list(names) != list(dataset.classes):
+        raise DatasetError(f"classes of {dataset.source} differ from the classes the checkpoint was trained on: "
+                           f"{sorted(set(names) ^ set(dataset.classes))[:10]}")
     if num_classes < len(dataset.classes):
-        raise DatasetError(f"{os.path.join(os.path.abspath(data_root), args.split)} has {len(dataset.classes)} class "
-                           f"folders but the model has {num_classes} outputs")
+        raise DatasetError(f"{dataset.source} has {len(dataset.classes)} classes but the model has {num_classes} "
+                           f"outputs")
 
-    model_kwargs = dict((ckpt.get("model_kwargs") if isinstance(ckpt, dict) else None) or {})
-    model_kwargs.update(parse_kv(args.model_kwargs))
-    model = timm.create_model(model_name, pretrained=args.pretrained and ckpt is None, num_classes=num_classes,
-                              **model_kwargs)
+
+def _build_model(args, model_name: str, info: Dict, state_dict, num_classes: int):
+    kwargs = dict(info["model_kwargs"])
+    kwargs.update(cli.parse_kv(args.model_kwargs))
+    model = timm.create_model(model_name, pretrained=args.pretrained and info["ckpt"] is None,
+                              num_classes=num_classes, **kwargs)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     elif not args.pretrained:
         _logger.warning("%s: no --checkpoint and no --pretrained: evaluating random weights", model_name)
+    return model
 
-    cli = {"img_size": args.img_size, "input_size": args.input_size, "crop_pct": args.crop_pct,
-           "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
-    ckpt_dc = ckpt.get("data_config") if isinstance(ckpt, dict) else None
-    if ckpt_dc:
-        data_config = resolve_data_config(cli, pretrained_cfg=dict(ckpt_dc), model=model)
-    else:
-        data_config = resolve_data_config(cli, model=model)
-    dataset.transform = eval_transform(data_config)
+
+def _data_config(args, info: Dict, model) -> Dict:
+    cli_cfg = {"img_size": args.img_size, "input_size": args.input_size, "crop_pct": args.crop_pct,
+               "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
+    if info["data_config"]:
+        return resolve_data_config(cli_cfg, pretrained_cfg=dict(info["data_config"]), model=model)
+    return resolve_data_config(cli_cfg, model=model)
+
+
+def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], device: torch.device) -> Dict:
+    info = _checkpoint_info(ckpt_path)
+    if model_name is None:
+        if not info["arch"]:
+            raise ValueError(f"--model is required: checkpoint {ckpt_path} records no 'arch'")
+        model_name = info["arch"]
+    elif info["arch"] and info["arch"] != model_name:
+        _logger.warning("checkpoint %s records arch %r; using --model %r", ckpt_path, info["arch"], model_name)
+    ckpt = info["ckpt"]
+    use_ema = args.use_ema
+    if ckpt is not None and use_ema is None:  # what the checkpoint's own metric was measured on
+        use_ema = bool(ckpt.get("eval_on_ema") and ckpt.get("state_dict_ema"))
+    state_dict = unwrap_state_dict(ckpt, use_ema=use_ema) if ckpt is not None else None
+    data_root = args.data if args.data is not None else _demo_root_for(info["args"])
+    dataset = create_dataset(data_root, args.split, args.dataset, args.bad_image, substitute=False)
+    num_classes = (args.num_classes or info["num_classes"] or
+                   (_num_classes_from_state_dict(state_dict) if state_dict else None) or len(dataset.classes))
+    _check_classes(info, dataset, num_classes)
+    model = _build_model(args, model_name, info, state_dict, num_classes)
+    data_config = _data_config(args, info, model)
+    dataset.transform = create_transform(data_config["input_size"], is_training=False,
+                                         interpolation=data_config["interpolation"], mean=data_config["mean"],
+                                         std=data_config["std"], crop_pct=data_config["crop_pct"])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.workers,
+        dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip,
         sampler=ResumableSampler(len(dataset), shuffle=False, pad=False),
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0), collate_fn=collate_readable)
-
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype, amp_note = resolve_amp(device, args.amp, args.amp_dtype)
     t0 = time.time()
-    m = evaluate(model, loader, device, amp_dtype, args.channels_last, log_interval=args.log_interval,
-                 header=model_name)
-    elapsed = time.time() - t0
+    m = evaluate(model, loader, device, autocast_ctx(device, amp_dtype), args.channels_last,
+                 log_interval=args.log_interval, header=model_name)
     return {"model": model_name, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else "",
             "weights": "ema" if use_ema else ("checkpoint" if ckpt is not None else
                                               ("pretrained" if args.pretrained else "random")),
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 6),
-            "images": m["count"], "skipped_images": m["skipped"], "param_count": sum(p.numel() for p in model.parameters()),
+            "images": m["count"], "skipped": m["skipped"], "param_count": sum(p.numel() for p in model.parameters()),
             "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
             "interpolation": data_config["interpolation"], "precision": amp_note,
-            "img_per_s": round(m["count"] / max(elapsed, 1e-9), 1), "data": os.path.abspath(data_root)}
+            "img_per_s": round(m["count"] / max(time.time() - t0, 1e-9), 1), "data": dataset.source}
 
 
 def write_results(path: str, results: List[Dict]) -> None:
-    """Results as .json or .csv, written atomically."""
     if path.lower().endswith(".json"):
-        data = json.dumps(results, indent=2)
-    elif path.lower().endswith(".csv"):
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(results[0].keys()))
-        w.writeheader()
-        w.writerows(results)
-        data = buf.getvalue()
-    else:
-        raise ValueError(f"--results-file must end in .csv or .json, got {path!r}")
-    atomic_write_bytes(data.encode(), path)
+        atomic_write(path, json.dumps(results, indent=2))
+        return
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in results for k in r))
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(results)
+    atomic_write(path, buf.getvalue())
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    args = build_parser().parse_args(argv)
+    if args.data_dir and args.data and args.data_dir != args.data:
+        raise cli.UsageError(f"data given twice: {args.data!r} and --data-dir {args.data_dir!r}")
+    args.data = args.data or args.data_dir
+    for name, lo, hi, lo_open in (("crop_pct", 0.0, 1.0, True), ("batch_size", 1, None, False),
+                                  ("workers", 0, None, False), ("img_size", 1, None, False),
+                                  ("input_size", 1, None, False), ("num_classes", 1, None, False),
+                                  ("std", 0.0, None, True), ("log_interval", 0, None, False)):
+        cli.check_range(args, name, lo, hi, lo_open=lo_open)
+    if args.results_file:  # checked before any work
+        check_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))
+    if not args.checkpoint and not args.model:
+        raise cli.UsageError("give --checkpoint FILE [FILE ...] and/or --model NAME [NAME ...]")
+    ckpts, names = args.checkpoint or [], args.model or []
+    if ckpts and names and len(names) not in (1, len(ckpts)):
+        raise cli.UsageError(f"--model: give one name or one per checkpoint ({len(ckpts)}), got {len(names)}")
+    return args
+
+
+def _pairs(args):
+    ckpts, names = args.checkpoint or [], args.model or []
+    if ckpts:
+        return [(names[0] if len(names) == 1 else (names[i] if names else None), c) for i, c in enumerate(ckpts)]
+    return [(n, None) for n in names]
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    args = build_parser().parse_args(argv)
-    if args.data_dir and args.data and args.data_dir != args.data:
-        raise ValueError(f"data given twice: {args.data!r} and --data-dir {args.data_dir!r}")
-    args.data = args.data or args.data_dir
-    if args.results_file and not args.results_file.lower().endswith((".csv", ".json")):
-        raise ValueError(f"--results-file must end in .csv or .json, got {args.results_file!r}")
-    if args.results_file:  # checked before any work
-        folder = os.path.dirname(os.path.abspath(args.results_file))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"--results-file: folder {folder} does not exist or is not writable")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    args = parse_args(argv)
     if not _logger.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
         _logger.addHandler(h)
         _logger.setLevel(logging.INFO)
         _logger.propagate = False
-    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-
-    ckpts = args.checkpoint or []
-    names = args.model or []
-    if not ckpts and not names:
-        raise ValueError("give --checkpoint FILE [FILE ...] and/or --model NAME [NAME ...]")
-    if ckpts and names and len(names) not in (1, len(ckpts)):
-        raise ValueError(f"--model: give one name or one per checkpoint ({len(ckpts)}), got {len(names)}")
-    if ckpts:
-        pairs = [(names[0] if len(names) == 1 else (names[i] if names else None), c) for i, c in enumerate(ckpts)]
-    else:
-        pairs = [(n, None) for n in names]
-
+    device = init_runtime(args.device).device
     results, failed = [], []
-    for model_name, ckpt_path in pairs:
+    for model_name, ckpt_path in _pairs(args):
         try:
             r = validate_one(args, model_name, ckpt_path, device)
-        except (DatasetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-            if len(pairs) == 1:
+        except (CheckpointError, DatasetError, ValueError, RuntimeError) as e:
+            if len(_pairs(args)) == 1:
                 raise
-            failed.append((ckpt_path or model_name, exc))  # keep the others' results
-            print(f"FAILED {ckpt_path or model_name}: {exc}", file=sys.stderr, flush=True)
+            failed.append((ckpt_path or model_name, e))
+            print(f"error: {ckpt_path or model_name}: {e}", file=sys.stderr, flush=True)
             continue
         results.append(r)
-        print(f"{r['model']} [{r['weights']}] {r['checkpoint'] or ''} on {r['images']} images "
+        skipped = f", {r['skipped']} unreadable image(s) skipped" if r["skipped"] else ""
+        print(f"{r['model']} [{r['weights']}] {r['checkpoint'] or ''} on {r['images']} images{skipped} "
               f"({r['img_size']}px, crop {r['crop_pct']}, {r['interpolation']}, {r['precision']}): "
               f"top-1: {r['top1']:.3f} top-5: {r['top5']:.3f} loss: {r['loss']:.4f}", flush=True)
     if args.results_file and results:
@@ -233,10 +256,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         best = max(results, key=lambda r: r["top1"])
         print(f"best of {len(results)}: {best['model']} {best['checkpoint']} top-1: {best['top1']:.3f}", flush=True)
     if failed:
-        raise ValueError(f"{len(failed)} of {len(pairs)} checkpoint(s) could not be validated: "
-                         + "; ".join(str(name) for name, _ in failed))
+        raise ValidationFailed(f"{len(failed)} of {len(failed) + len(results)} could not be evaluated: "
+                               + "; ".join(f"{name} ({type(e).__name__})" for name, e in failed))
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main, errors=(ValidationFailed,))

@@ -1,13 +1,23 @@
-"""The one state-dict unwrapper: model weights out of any checkpoint the project meets.
+"""One place that turns a checkpoint file's contents into a model state dict (torch only).
 
-Accepted: a bare state dict (the original release's weights), our training checkpoints (``state_dict`` and
-``state_dict_ema``, with ``eval_on_ema`` saying which one the run's metrics came from), timm's (``state_dict`` /
-``state_dict_ema``) and ``{'model': ...}`` dicts. Prefixes ``module.`` (DataParallel/DDP) and ``_orig_mod.``
-(torch.compile) are removed.
+Used by the training scripts (``training/checkpoint.py``, ``validate.py``) and by the model factory for released
+weights. Accepted inputs:
 
-Which weights: ``use_ema=True`` requires the EMA weights, ``use_ema=False`` takes the plain ones, ``use_ema=None``
-(default) follows the checkpoint: the EMA weights when it records ``eval_on_ema`` (its best metric came from them),
-otherwise the plain weights, otherwise the EMA weights when they are the only ones.
+* a raw state dict (every value a tensor), e.g. the released DDF-ResNet weights;
+* a training checkpoint: ours (``train.py``: ``state_dict``, ``state_dict_ema``, ``eval_on_ema``, ``arch`` ...),
+  timm's (``state_dict``, ``state_dict_ema``) or others (``model``, ``model_ema``).
+
+Which weights win (``use_ema``):
+
+* ``True``: the EMA weights (``state_dict_ema`` / ``model_ema``); an error when the checkpoint has none.
+* ``False``: the plain weights (``state_dict`` / ``model``); an error when the checkpoint has only EMA weights.
+* ``None`` (auto): the weights the checkpoint's own metric was measured on. Our checkpoints record that in
+  ``eval_on_ema``, which decides. Checkpoints that do not record it (timm's train.py, the original release) get
+  the EMA weights when present, because timm's train.py reports and ranks ``model_best`` by the EMA metric
+  whenever EMA is on; otherwise the plain weights.
+
+Key prefixes added by wrappers are removed, repeatedly and in any order: ``module.`` (DataParallel /
+DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``).
 """
 from __future__ import annotations
 
@@ -15,36 +25,62 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["unwrap_state_dict"]
+__all__ = ["unwrap_state_dict", "PLAIN_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES"]
 
-_EMA_KEYS = ("state_dict_ema", "model_ema", "state_dict_ema_v3")
-_PLAIN_KEYS = ("state_dict", "model")
+PLAIN_KEYS = ("state_dict", "model")
+EMA_KEYS = ("state_dict_ema", "model_ema", "state_dict_ema_v3")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _first(ckpt: Dict, keys) -> Optional[Dict]:
+def _first(ckpt: Dict[str, Any], keys) -> Optional[Dict[str, Any]]:
     for key in keys:
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
+        value = ckpt.get(key)
+        if isinstance(value, dict) and value:
+            return value
     return None
 
 
 def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                changed = True
     return key
 
 
-def unwrap_state_dict(ckpt: Any, use_ema: Optional[bool] = None) -> Dict[str, torch.Tensor]:
-    """Model weights of ``ckpt`` (see the module docstring for which ones)."""
-    if not isinstance(ckpt, dict):
-        raise TypeError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
-    ema, plain = _first(ckpt, _EMA_KEYS), _first(ckpt, _PLAIN_KEYS)
-    if use_ema and ema is None:
-        raise ValueError("use_ema=True but the checkpoint holds no EMA weights (no 'state_dict_ema')")
-    if use_ema is None:
-        use_ema = ema is not None and (bool(ckpt.get("eval_on_ema")) or plain is None)
-    sd = ema if use_ema else plain
-    if sd is None:
-        sd = ckpt  # a bare state dict
-    return {_strip(k): v for k, v in sd.items()}
+def _is_raw(obj: Dict[str, Any]) -> bool:
+    return bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, use_ema: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    """Model weights from a raw state dict or a training checkpoint; see the module docstring for the rules."""
+    if use_ema not in (None, True, False):
+        raise ValueError(f"use_ema must be None, True or False, got {use_ema!r}")
+    if not isinstance(obj, dict):
+        raise TypeError(f"a checkpoint must be a dict (state dict or training checkpoint), got {type(obj).__name__}")
+    if _is_raw(obj):
+        if use_ema:
+            raise ValueError("use_ema=True but the checkpoint is a bare state dict (no EMA weights)")
+        sd = obj
+    else:
+        plain, ema = _first(obj, PLAIN_KEYS), _first(obj, EMA_KEYS)
+        if plain is None and ema is None:
+            keys = sorted(str(k) for k in obj)[:12]
+            raise ValueError(f"no model weights in the checkpoint: expected a state dict or one of the keys "
+                             f"{PLAIN_KEYS + EMA_KEYS}, found keys {keys}")
+        if use_ema is None:
+            recorded = obj.get("eval_on_ema")
+            use_ema = bool(recorded) if recorded is not None else ema is not None
+            if use_ema and ema is None:
+                use_ema = False
+            if not use_ema and plain is None:
+                use_ema = True
+        if use_ema and ema is None:
+            raise ValueError(f"use_ema=True but the checkpoint holds no EMA weights (none of {EMA_KEYS})")
+        if not use_ema and plain is None:
+            raise ValueError(f"use_ema=False but the checkpoint holds only EMA weights (none of {PLAIN_KEYS})")
+        sd = ema if use_ema else plain
+    return {_strip(str(k)): v for k, v in sd.items()}

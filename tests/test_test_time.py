@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.pac import PacConv2dBaseline, pac_conv2d, pac_conv2d_naive
+from benchmarks.pac import PacConv2dBaseline, pac_conv2d, pac_conv2d_naive  # noqa: E402
 
 
 @pytest.mark.parametrize("dilation,stride,separate_guidance", [(1, 1, False), (2, 1, True), (1, 2, False)])
@@ -55,10 +56,10 @@ def test_pac_bad_args():
 # ----------------------------------------------------------------------------------------------
 # CPU smoke run of test_time.py (tiny sizes, through its CLI entry point main(argv))
 # ----------------------------------------------------------------------------------------------
-import csv
-import json
+import csv  # noqa: E402
+import json  # noqa: E402
 
-import test_time
+import test_time  # noqa: E402
 
 TINY = ["--device", "cpu", "--batch", "1", "--channels", "8", "--resolutions", "7,9",
         "--table2-shape", "1,8,10,12", "--warmup", "1", "--min-repeats", "3", "--min-time", "0",
@@ -146,8 +147,6 @@ def test_cli_plot_is_skipped_or_written(tmp_path, capsys):
     (["--kernel-size", "4"], "--kernel-size"),
     (["--device", "tpu"], "--device"),
     (["--batch", "0"], "--batch"),
-    (["--csv", "/nonexistent-folder/x.csv"], "--csv: folder /nonexistent-folder does not exist"),
-    (["--save-results", "/nonexistent-folder/sub"], "--save-results: /nonexistent-folder/sub is not a writable"),
 ])
 def test_cli_bad_arguments(bad, match, capsys):
     with pytest.raises(SystemExit):

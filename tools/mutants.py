@@ -9,7 +9,7 @@ were not kept): other bugs of the same kinds (wrong index, wrong layout, missing
 
 OP_TESTS = ["tests/test_op.py", "tests/test_op_errors.py"]
 KERNEL_TESTS = ["tests/test_op.py", "tests/test_fused.py"]
-TRAIN_TESTS = ["tests/test_train.py", "tests/test_validate.py"]
+TRAIN_TESTS = ["tests/test_train.py", "tests/test_validate.py", "tests/test_training_faults.py"]
 
 MUTANTS = [
     dict(id=1, file="ddf/_checks.py", what="out_size rounds down instead of up",
@@ -115,8 +115,8 @@ MUTANTS = [
     dict(id=32, file="training/checkpoint.py", what="top-k ranking ties broken by the later epoch",
          old="ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], r[1]))",
          new="ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], -r[1]))", tests=TRAIN_TESTS),
-    dict(id=33, file="training/checkpoint.py", what="EMA weights ignored when asked for",
-         old="            for key in (\"state_dict_ema\", \"model_ema\", \"state_dict_ema_v3\"):",
-         new="            for key in (\"state_dict\", \"state_dict_ema\", \"model_ema\", \"state_dict_ema_v3\"):",
-         tests=TRAIN_TESTS),
+    dict(id=33, file="ddf/state_dict.py", what="EMA weights ignored when the checkpoint records eval_on_ema",
+         old="            use_ema = bool(recorded) if recorded is not None else ema is not None",
+         new="            use_ema = False if recorded is not None else ema is not None",
+         tests=TRAIN_TESTS + ["tests/test_state_dict.py"]),
 ]

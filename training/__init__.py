@@ -1,3 +1,13 @@
-"""The training side: engine helpers (common.py), checkpoints (checkpoint.py), data readers, folder checks and the
-resumable sampler (data.py), and the embedded demo dataset (demo_data.py). Used by train.py, validate.py and
-test_time.py; not part of the installed ddf package."""
+"""Training engine behind train.py / validate.py / test_time.py.
+
+Modules (one concern each):
+
+* ``io``         the one atomic file writer, output-path checks
+* ``checkpoint`` verified checkpoint files (sha256 inside the zip), loading, the last/best/top-k saver and its index
+* ``data``       dataset readers (our checked image folder, timm's tar / Hugging Face readers), bad-image policy,
+                 the resumable distributed sampler, dataset fingerprints
+* ``runtime``    device / distributed set-up, AMP, RNG state, stop signals, logging, the per-epoch run log
+* ``engine``     ``train_one_epoch`` and ``evaluate``
+* ``cli``        argument parsing helpers: YAML configs with type checks, option value checks, the CLI wrapper
+* ``demo_data``  the procedurally drawn demo dataset
+"""

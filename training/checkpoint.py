@@ -1,155 +1,191 @@
-"""Atomic checkpoint writing, a last/best/top-k saver, and checkpoint loading for train.py and validate.py."""
+"""Verified checkpoint files, loading, and the last / best / top-k saver with its index.
+
+File format: what ``torch.save`` writes (a zip archive; ``torch.load`` and other tools read it as before) plus one
+extra record ``<archive>/.data/ddf_sha256`` holding the sha256 of every other record (names and bytes, in name
+order). :func:`load_checkpoint` recomputes it, so a flipped byte anywhere gives a :class:`CheckpointError` naming the
+file instead of silently wrong weights. Checkpoints written before this record existed are still loaded: their zip
+CRC-32s are verified instead (with a warning); a file in torch's legacy (non-zip) format cannot be verified and is
+loaded with a warning.
+"""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import tempfile
+import re
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ddf.state_dict import unwrap_state_dict
 
+from .io import atomic_write
 
-_logger = logging.getLogger(__name__)
-CHECKSUM_SUFFIX = ".sha256"
+_logger = logging.getLogger("ddf.checkpoint")
+
+CHECKSUM_RECORD = ".data/ddf_sha256"
+INDEX_NAME = "checkpoints.json"
+LAST_NAME = "last.pth.tar"
+BEST_NAME = "model_best.pth.tar"
+_EPOCH_FILE = re.compile(r"^checkpoint-(\d+)\.pth\.tar$")
+
+__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_checkpoint", "CheckpointSaver",
+           "unwrap_state_dict"]
 
 
-def atomic_write_bytes(data: bytes, path: str) -> None:
-    """Write ``data`` to a temporary file in the same folder, fsync, then os.replace onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, damaged or not a checkpoint; the message names the file."""
+
+
+def _records_sha256(zf: zipfile.ZipFile) -> Tuple[str, Optional[str]]:
+    """(sha256 over all records except the checksum record, stored checksum or None)."""
+    h = hashlib.sha256()
+    stored = None
+    for name in sorted(zf.namelist()):
+        if name.endswith("/" + CHECKSUM_RECORD):
+            stored = json.loads(zf.read(name).decode())["sha256"]
+            continue
+        h.update(name.encode() + b"\0")
+        with zf.open(name) as f:  # zipfile also checks each record's CRC-32 while reading
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest(), stored
+
+
+def _write_verified(obj: Any, path: str) -> None:
+    torch.save(obj, path)
+    with zipfile.ZipFile(path, "a") as zf:
+        digest, _ = _records_sha256(zf)
+        prefix = zf.namelist()[0].split("/", 1)[0]
+        zf.writestr(f"{prefix}/{CHECKSUM_RECORD}", json.dumps({"sha256": digest}))
+
+
+def save_checkpoint(obj: Any, path: str) -> str:
+    """``torch.save`` + checksum record, written atomically (see :func:`training.io.atomic_write`)."""
+    return atomic_write(path, lambda tmp: _write_verified(obj, tmp))
+
+
+def verify_checkpoint(path: str) -> str:
+    """Check ``path`` against its stored sha256 (or its zip CRCs). Returns 'sha256', 'crc' or 'unverified'."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {os.path.abspath(path)}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] == b"\x80\x02" or head[:1] == b"\x80":  # torch's legacy pickle format
+            _logger.warning("checkpoint %s is in torch's legacy format and cannot be verified", path)
+            return "unverified"
+        raise CheckpointError(f"checkpoint {os.path.abspath(path)} is damaged or not a checkpoint "
+                              f"(not a zip archive written by torch.save)")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        with zipfile.ZipFile(path) as zf:
+            digest, stored = _records_sha256(zf)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, KeyError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {os.path.abspath(path)} is damaged: {e}") from None
+    if stored is None:
+        _logger.warning("checkpoint %s has no stored checksum (written before checksums); its zip CRCs are intact",
+                        path)
+        return "crc"
+    if stored != digest:
+        raise CheckpointError(f"checkpoint {os.path.abspath(path)} is damaged: sha256 of its contents is "
+                              f"{digest[:16]}..., the file records {stored[:16]}...")
+    return "sha256"
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save ``obj`` atomically to ``path`` and write its sha256 to ``path + '.sha256'`` (checked on load)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    atomic_write_bytes(data, path)
-    atomic_write_bytes((hashlib.sha256(data).hexdigest() + "\n").encode(), path + CHECKSUM_SUFFIX)
+def load_checkpoint(path: str) -> Any:
+    """Verify, then load onto the CPU. Raises :class:`CheckpointError` naming the file when missing or damaged."""
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"checkpoint {os.path.abspath(path)} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
-def verify_checksum(path: str) -> bool:
-    """True when ``path`` matches its ``.sha256`` sidecar, False when there is none; ValueError on a mismatch."""
-    sidecar = path + CHECKSUM_SUFFIX
-    if not os.path.isfile(sidecar):
-        return False
-    with open(sidecar) as f:
-        expected = f.read().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ValueError(f"checkpoint {os.path.abspath(path)} is damaged: its sha256 does not match "
-                         f"{os.path.basename(sidecar)} (flipped bytes, a truncated copy, or a crash between writing "
-                         "the file and its checksum); not loading it")
-    return True
+def model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict of the model inside DDP / torch.compile / EMA wrappers (timm's unwrap_model)."""
+    from timm.utils import unwrap_model
+    return unwrap_model(model).state_dict()
 
 
 class CheckpointSaver:
-    """Keeps ``last.pth.tar``, ``model_best.pth.tar`` and the ``top_k`` best epochs
-    (``checkpoint-<epoch>.pth.tar``), every file written atomically. The ranking is kept in ``checkpoints.json``
-    (also atomic) so that it survives a resume."""
+    """Keeps ``last.pth.tar``, ``model_best.pth.tar`` and the ``top_k`` best epochs (``checkpoint-<epoch>.pth.tar``)
+    in one run folder, every file written atomically, the ranking in ``checkpoints.json`` (also atomic).
+
+    The index stores file names relative to the folder it lives in, and pruning only deletes ``checkpoint-<N>.pth.tar``
+    files of that folder which the index lists: a copied run folder never touches the original's files.
+
+    Ties: a metric equal to the best does not replace it (the earliest epoch with the best value stays
+    ``model_best``), and in the top-k ranking equal metrics are ordered by epoch, earlier first, so a new epoch
+    enters a full top-k only when it is strictly better than the worst kept one."""
 
     def __init__(self, out_dir: str, top_k: int = 3, decreasing: bool = False):
-        self.out_dir = out_dir
+        self.out_dir = os.path.abspath(out_dir)
         self.top_k = top_k
         self.decreasing = decreasing
-        self.index_path = os.path.join(out_dir, "checkpoints.json")
-        self.ranked: List[Tuple[float, int, str]] = []  # (metric, epoch, path), best first
+        self.index_path = os.path.join(self.out_dir, INDEX_NAME)
+        self.ranked: List[Tuple[float, int, str]] = []  # (metric, epoch, file name), best first
         self.best: Optional[Tuple[float, int]] = None
         if os.path.isfile(self.index_path):
+            self._read_index()
+
+    def _read_index(self) -> None:
+        try:
             with open(self.index_path) as f:
                 state = json.load(f)
-            # older indexes stored absolute paths: keep only the file name, resolved in this run folder
-            self.ranked = [(r[0], r[1], os.path.basename(r[2])) for r in state.get("ranked", [])]
-            self.best = tuple(state["best"]) if state.get("best") else None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint index {self.index_path} is unreadable: {e}") from None
+        for metric, epoch, name in state.get("ranked", []):
+            base = os.path.basename(str(name))  # old indexes stored absolute paths: keep only the file name
+            if _EPOCH_FILE.match(base):
+                self.ranked.append((float(metric), int(epoch), base))
+        self.best = tuple(state["best"]) if state.get("best") else None
 
     @property
     def last_path(self) -> str:
-        return os.path.join(self.out_dir, "last.pth.tar")
+        return os.path.join(self.out_dir, LAST_NAME)
 
     @property
     def best_path(self) -> str:
-        return os.path.join(self.out_dir, "model_best.pth.tar")
+        return os.path.join(self.out_dir, BEST_NAME)
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.decreasing else a > b
 
     def _write_index(self) -> None:
-        """checkpoints.json, written atomically; file names are relative to the run folder."""
-        data = json.dumps({"ranked": self.ranked, "best": self.best}, indent=1).encode()
-        atomic_write_bytes(data, self.index_path)
-
-    def _own(self, name: str) -> str:
-        """A checkpoint listed in the index, as a path inside this run folder (never outside it)."""
-        return os.path.join(self.out_dir, os.path.basename(name))
+        atomic_write(self.index_path, json.dumps({"ranked": [list(r) for r in self.ranked], "best": self.best,
+                                                  "paths": "relative to this folder"}, indent=1))
 
     def save_last(self, state: Dict) -> str:
-        atomic_save(state, self.last_path)
-        return self.last_path
+        return save_checkpoint(state, self.last_path)
 
     def save_epoch(self, state: Dict, epoch: int, metric: float) -> Optional[Tuple[float, int]]:
-        """Write last (+ best, + top-k) for a finished epoch; return (best metric, best epoch).
-
-        A tie never replaces the best: the earlier epoch stays best (and ranks first among equal top-k entries).
-        """
-        atomic_save(state, self.last_path)
+        """Write last (+ best, + top-k) for a finished epoch; return (best metric, best epoch)."""
+        save_checkpoint(state, self.last_path)
         if self.best is None or self._better(metric, self.best[0]):
-            atomic_save(state, self.best_path)
+            save_checkpoint(state, self.best_path)
             self.best = (metric, epoch)
         if self.top_k > 0:
-            ranked = [r for r in self.ranked if r[1] != epoch]
-            worst_ok = len(ranked) < self.top_k or self._better(metric, ranked[-1][0])
-            if worst_ok:
-                name = f"checkpoint-{epoch}.pth.tar"
-                atomic_save(state, self._own(name))
-                ranked.append((metric, epoch, name))
-                # ties: the earlier epoch ranks first (it reached the metric first)
-                ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], r[1]))
-                for _, _, p in ranked[self.top_k:]:
-                    for f in (self._own(p), self._own(p) + CHECKSUM_SUFFIX):
-                        if os.path.exists(f):
-                            os.unlink(f)
-                ranked = ranked[: self.top_k]
-            self.ranked = ranked
+            self._rank(state, epoch, metric)
         self._write_index()
         return self.best
 
+    def _rank(self, state: Dict, epoch: int, metric: float) -> None:
+        ranked = [r for r in self.ranked if r[1] != epoch]
+        if len(ranked) < self.top_k or self._better(metric, ranked[-1][0]):
+            name = f"checkpoint-{epoch}.pth.tar"
+            save_checkpoint(state, os.path.join(self.out_dir, name))
+            ranked.append((metric, epoch, name))
+            ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], r[1]))
+            for _, _, old in ranked[self.top_k:]:
+                self._prune(old)
+            ranked = ranked[: self.top_k]
+        self.ranked = ranked
 
-def load_checkpoint_file(path: str) -> Dict:
-    """Load a checkpoint onto the CPU. Raises FileNotFoundError naming the path when missing."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)}")
-    if not verify_checksum(path):
-        _logger.warning("checkpoint %s has no %s checksum (written by an older version or another tool); loading "
-                        "it unverified", path, CHECKSUM_SUFFIX)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except TypeError:  # very old torch without weights_only
-        ckpt = torch.load(path, map_location="cpu")
-    return ckpt
-
-
-def extract_state_dict(ckpt: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Model weights of a checkpoint: :func:`ddf.state_dict.unwrap_state_dict` (the plain weights unless
-    ``use_ema``)."""
-    return unwrap_state_dict(ckpt, use_ema=bool(use_ema))
+    def _prune(self, name: str) -> None:
+        if not _EPOCH_FILE.match(name) or os.path.basename(name) != name:
+            return
+        path = os.path.join(self.out_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)

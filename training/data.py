@@ -1,31 +1,87 @@
-"""Image-folder checks, a seeded image-folder dataset and a resumable (distributed) sampler."""
+"""Datasets for training and validation: readers, bad-image policy, the resumable sampler, fingerprints.
+
+Sources (``open_reader``):
+
+* an image folder ``<root>/<split>/<class>/*.jpeg`` (the default): scanned by :func:`scan_image_folder` with our
+  checks (missing/empty folders are errors naming the path; symlinked folders are followed, but a folder already
+  visited - a symlink loop, or a link to another class folder - is skipped with a warning);
+* a tar file ``<root>/<split>.tar`` (class folders inside, or one tar per class): timm's ``ReaderImageInTar``;
+* ``--dataset hfds/<name>``: a Hugging Face dataset through timm's ``ReaderHfds`` (needs the ``datasets`` package).
+
+Every source is a map-style timm ``Reader`` wrapped by :class:`ReaderDataset`, so batches come from our
+:class:`ResumableSampler` (shuffle of epoch e depends only on (seed, e); sharded over ranks; can start mid-epoch).
+"""
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import random
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+try:
+    from timm.data.readers.reader import Reader
+except ImportError:  # pragma: no cover - very old timm
+    Reader = object
+
 _logger = logging.getLogger("ddf.data")
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+BAD_IMAGE_CHOICES = ("skip", "error")
+MAX_CONSECUTIVE_BAD = 50
 
 
 class DatasetError(ValueError):
-    """Raised for a missing/empty dataset folder; the message names the offending path."""
+    """A missing/empty/inconsistent dataset; the message names the offending path."""
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+def _dir_key(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(cdir: str, seen: set) -> List[str]:
+    """Image files under ``cdir`` (symlinks followed); folders in ``seen`` (already visited) are skipped."""
+    files, stack = [], [cdir]
+    while stack:
+        d = stack.pop()
+        if d != cdir:
+            key = _dir_key(d)
+            if key is None or key in seen:
+                _logger.warning("not following %s: it leads to a folder already scanned (symlink loop or link to "
+                                "another class)", d)
+                continue
+            seen.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            _logger.warning("cannot list %s: %s", d, e)
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    stack.append(e.path)
+                elif e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append(e.path)
+            except OSError:  # a dangling or looping link
+                continue
+    return files
 
 
 def scan_image_folder(root: str, split: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """Check ``<root>/<split>/<class>/<images>`` and return ``(samples, class_names)``.
-
-    Raises :class:`DatasetError` naming the path when the root or split is missing, when there are no class
-    folders, or when a class folder holds no images.
-    """
+    """Check ``<root>/<split>/<class>/<images>`` and return ``(samples, class_names)``; DatasetError naming the path
+    when the root or split is missing, there are no class folders, or a class folder holds no images."""
     if not root:
         raise DatasetError("data root is empty: pass the dataset folder (containing train/ and val/)")
     if not os.path.isdir(root):
@@ -33,16 +89,17 @@ def scan_image_folder(root: str, split: str) -> Tuple[List[Tuple[str, int]], Lis
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise DatasetError(f"split folder not found: {os.path.abspath(split_dir)} "
-                           f"(expected layout <root>/{split}/<class>/*.jpeg)")
+                           f"(expected layout <root>/{split}/<class>/*.jpeg, or <root>/{split}.tar)")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DatasetError(f"no class folders in {os.path.abspath(split_dir)} "
                            f"(expected layout <root>/{split}/<class>/*.jpeg)")
+    seen = {k for k in [_dir_key(split_dir)] + [_dir_key(os.path.join(split_dir, c)) for c in classes] if k}
     samples: List[Tuple[str, int]] = []
     empty = []
     for label, name in enumerate(classes):
         cdir = os.path.join(split_dir, name)
-        files = _image_files(cdir)
+        files = _walk_images(cdir, seen)
         if not files:
             empty.append(os.path.abspath(cdir))
         samples.extend((f, label) for f in sorted(files))
@@ -52,33 +109,63 @@ def scan_image_folder(root: str, split: str) -> Tuple[List[Tuple[str, int]], Lis
     return samples, classes
 
 
-def _image_files(folder: str) -> List[str]:
-    """Image files under ``folder``, following symlinked folders but never one already visited (a symlink loop
-    would otherwise be walked forever)."""
-    files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            _logger.warning("not following %s again (symlink loop or second link to %s)", dirpath, real)
-            continue
-        seen.add(real)
-        files.extend(os.path.join(dirpath, f) for f in filenames
-                     if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
-    return files
+class FolderReader(Reader):
+    """A timm ``Reader`` over the checked samples of :func:`scan_image_folder`."""
+
+    def __init__(self, root: str, split: str):
+        super().__init__()
+        self.root = os.path.join(root, split)
+        self.samples, self.classes = scan_image_folder(root, split)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return path, label
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _filename(self, index, basename=False, absolute=False):
+        path = self.samples[index][0]
+        if basename:
+            return os.path.basename(path)
+        return os.path.abspath(path) if absolute else os.path.relpath(path, self.root)
 
 
-def collate_readable(batch):
-    """Collate for evaluation: drops the ``None`` samples of unreadable images and returns
-    ``(images, targets, n_dropped)``, so metrics cover the readable images only."""
-    kept = [b for b in batch if b is not None]
-    dropped = len(batch) - len(kept)
-    if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), dropped
-    images, targets = torch.utils.data.default_collate(kept)
-    return images, targets, dropped
+def _tar_classes(reader) -> List[str]:
+    mapping = getattr(reader, "class_name_to_idx", None) or getattr(reader, "class_to_idx", None) or {}
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
 
 
+def open_reader(root: str, split: str, dataset: str = "") -> Tuple[object, List[str], str]:
+    """(reader, class names, description) for ``--dataset`` ``''`` (folder or ``<split>.tar``) or ``hfds/<name>``."""
+    prefix, _, name = (dataset or "").partition("/")
+    if prefix.lower() == "hfds":
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise DatasetError(f"--dataset {dataset}: needs the Hugging Face 'datasets' package "
+                               f"(pip install datasets)") from None
+        from timm.data.readers import create_reader
+        reader = create_reader(dataset, root=root, split=split)
+        return reader, _tar_classes(reader), f"{dataset} [{split}]"
+    if dataset:
+        raise DatasetError(f"--dataset {dataset!r} is not supported: use '' (image folder or <split>.tar) or "
+                           f"'hfds/<name>' (iterable readers such as wds/, hfids/, tfds/ cannot be resumed exactly)")
+    tar = os.path.join(root or "", split + ".tar")
+    if root and not os.path.isdir(os.path.join(root, split)) and os.path.isfile(tar):
+        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+        try:
+            reader = ReaderImageInTar(tar)
+        except Exception as e:  # noqa: BLE001 - tarfile raises several types
+            raise DatasetError(f"cannot read tar file {os.path.abspath(tar)}: {e}") from None
+        if len(reader) == 0:
+            raise DatasetError(f"no images in tar file {os.path.abspath(tar)}")
+        return reader, _tar_classes(reader), os.path.abspath(tar)
+    reader = FolderReader(root, split)
+    return reader, reader.classes, os.path.abspath(os.path.join(root, split))
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
 def _sample_seed(*parts: int) -> int:
     # cheap, well-mixed 63-bit seed from integers (splitmix64 on a running hash)
     h = 0x9E3779B97F4A7C15
@@ -88,83 +175,142 @@ def _sample_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """``<root>/<split>/<class>/*`` images -> (transformed image, label).
+def _decode(obj) -> Image.Image:
+    if isinstance(obj, Image.Image):
+        return obj.convert("RGB")
+    img = Image.open(obj)
+    try:
+        return img.convert("RGB")  # decodes the pixels: a truncated file fails here
+    finally:
+        if hasattr(obj, "close"):
+            obj.close()
 
-    Unreadable images are reported by path: with ``bad_image='skip'`` (default) a warning names the file and the
-    next readable image is returned instead; with ``bad_image='error'`` a RuntimeError naming the file stops the run.
 
-    With ``seed`` set, the random augmentation of sample ``i`` in epoch ``e`` uses its own RNG state derived from
-    ``(seed, e, i)``, so augmentations do not depend on the number of loader workers, the rank, or whether the run
-    was resumed: this is what makes ``--resume`` reproduce an uninterrupted run exactly.
-    """
+class ReaderDataset(torch.utils.data.Dataset):
+    """(transformed image, label) from a timm reader, with a policy for unreadable images.
 
-    def __init__(self, root: str, split: str, transform=None, bad_image: str = "skip", seed: Optional[int] = None,
-                 drop_bad: bool = False):
-        if bad_image not in ("skip", "error"):
-            raise ValueError(f"bad_image must be 'skip' or 'error', got {bad_image!r}")
-        self.root = root
-        self.split = split
-        self.samples, self.classes = scan_image_folder(root, split)
+    ``bad_image='skip'``: a warning names the file; for training (``substitute=True``) the next readable image is
+    used, for evaluation (``substitute=False``) the sample is dropped (``None``, removed by :func:`collate_skip`,
+    counted as skipped). Decompression bombs (PIL's pixel limit) count as unreadable. ``bad_image='error'``: a
+    RuntimeError naming the file.
+
+    With ``seed`` set, the augmentation of sample ``i`` in epoch ``e`` uses its own RNG state from ``(seed, e, i)``,
+    independent of workers, rank and resumption: this is what makes ``--resume`` reproduce an uninterrupted run."""
+
+    def __init__(self, reader, classes: Sequence[str], transform=None, bad_image: str = "skip",
+                 seed: Optional[int] = None, substitute: bool = True, source: str = ""):
+        if bad_image not in BAD_IMAGE_CHOICES:
+            raise ValueError(f"bad_image must be one of {BAD_IMAGE_CHOICES}, got {bad_image!r}")
+        self.reader = reader
+        self.classes = list(classes)
         self.transform = transform
         self.bad_image = bad_image
         self.seed = seed
-        self.drop_bad = drop_bad  # evaluation: an unreadable image yields None (see collate_readable), no stand-in
+        self.substitute = substitute
+        self.source = source
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.reader)
+
+    def filename(self, index: int) -> str:
+        name = self.reader.filename(index, absolute=True)
+        return name if os.path.isabs(str(name)) else f"{self.source}:{name}"
+
+    def _try(self, index: int):
+        try:
+            obj, label = self.reader[index][:2]
+            return _decode(obj), label
+        except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError) is a bad image
+            path = self.filename(index)
+            if self.bad_image == "error":
+                raise RuntimeError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+            _logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+            return None
 
     def _load(self, index: int):
-        n = len(self.samples)
-        for attempt in range(min(n, 50)):
-            path, label = self.samples[(index + attempt) % n]
-            try:
-                with open(path, "rb") as f:
-                    img = Image.open(f)
-                    img = img.convert("RGB")
-                return img, label
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if self.bad_image == "error":
-                    raise RuntimeError(f"unreadable image {path}: {e}") from e
-                _logger.warning("skipping unreadable image %s (%s)", path, e)
-                if self.drop_bad:
-                    return None
-        raise RuntimeError(f"50 consecutive unreadable images starting at {self.samples[index][0]}")
+        n = len(self)
+        for attempt in range(min(n, MAX_CONSECUTIVE_BAD) if self.substitute else 1):
+            got = self._try((index + attempt) % n)
+            if got is not None:
+                return got
+        if not self.substitute:
+            return None
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images starting at {self.filename(index)}")
 
     def __getitem__(self, index: int):
-        loaded = self._load(index)
-        if loaded is None:
+        got = self._load(index)
+        if got is None:
             return None
-        img, label = loaded
+        img, label = got
         if self.transform is not None:
             if self.seed is None:
                 img = self.transform(img)
             else:
-                s = _sample_seed(self.seed, self.epoch, index)
-                py_state, np_state, t_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-                try:
-                    random.seed(s)
-                    np.random.seed(s % (2 ** 32 - 1))
-                    torch.default_generator.manual_seed(s)
-                    img = self.transform(img)
-                finally:
-                    random.setstate(py_state)
-                    np.random.set_state(np_state)
-                    torch.set_rng_state(t_state)
+                img = self._seeded_transform(img, _sample_seed(self.seed, self.epoch, index))
         return img, label
 
+    def _seeded_transform(self, img, s: int):
+        py_state, np_state, t_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed(s % (2 ** 32 - 1))
+            torch.default_generator.manual_seed(s)
+            return self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(t_state)
 
+
+def collate_skip(batch):
+    """Collate for evaluation: drops the ``None`` of skipped images; returns (images, targets, n_skipped)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, None, len(batch)
+    images, targets = torch.utils.data.default_collate(good)
+    return images, targets, len(batch) - len(good)
+
+
+def create_dataset(root: str, split: str, dataset: str = "", bad_image: str = "skip", seed: Optional[int] = None,
+                   substitute: bool = True) -> ReaderDataset:
+    reader, classes, source = open_reader(root, split, dataset)
+    return ReaderDataset(reader, classes, bad_image=bad_image, seed=seed, substitute=substitute, source=source)
+
+
+def _names_and_labels(reader) -> Optional[List[Tuple[str, int]]]:
+    if isinstance(reader, FolderReader):
+        return [(reader._filename(i), label) for i, (_, label) in enumerate(reader.samples)]
+    targets = getattr(reader, "targets", None)
+    if hasattr(reader, "samples") and targets is not None:  # timm's tar readers
+        return [(os.path.normpath(reader.filename(i)), int(targets[i])) for i in range(len(reader))]
+    return None  # e.g. Hugging Face datasets: count and classes only
+
+
+def fingerprint(ds: ReaderDataset) -> Dict[str, object]:
+    """What identifies a training set for ``--resume``: sample count, classes and a hash of the (file name relative
+    to the split, label) pairs, so the same data moved elsewhere keeps its fingerprint."""
+    pairs = _names_and_labels(ds.reader)
+    files = None
+    if pairs is not None:
+        h = hashlib.sha256()
+        for name, label in pairs:
+            h.update(f"{name}\t{label}\n".encode())
+        files = h.hexdigest()[:16]
+    return {"samples": len(ds), "classes": len(ds.classes),
+            "classes_sha256": hashlib.sha256("\n".join(ds.classes).encode()).hexdigest()[:16], "files_sha256": files}
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
 class ResumableSampler(torch.utils.data.Sampler):
     """Shuffled (or ordered) indices, sharded over ``num_replicas`` ranks, able to start mid-epoch.
 
-    The permutation of epoch ``e`` depends only on ``(seed, e)``. Like DistributedSampler, the index list is padded
-    (training: by repeating, so every rank runs the same number of steps) or not padded (evaluation:
-    ``pad=False`` gives every sample exactly once over all ranks).
-    """
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so every epoch has its own order. Like
+    DistributedSampler, the index list is padded (training: by repeating, so every rank runs the same number of
+    steps) or not padded (evaluation: ``pad=False`` gives every sample exactly once over all ranks)."""
 
     def __init__(self, length: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
                  pad: bool = True):

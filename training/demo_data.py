@@ -12,6 +12,10 @@ Files are written in the same layout as ImageNet::
 
 The build is deterministic for a given seed, happens once, and is atomic: it is written into a temporary sibling
 folder that is renamed into place only when complete, so an interrupted build never leaves a half dataset behind.
+
+Safety: the dataset is built only where nothing of the user's can be lost: a folder that does not exist, an empty
+folder, or a folder marked as a demo dataset by its ``ddf_demo.json`` (a demo build with other parameters is
+replaced). Any other existing path is refused with a :class:`DemoRootError` naming it; nothing is deleted.
 """
 from __future__ import annotations
 
@@ -31,6 +35,11 @@ CLASSES = (
 )
 
 DEFAULT_ROOT = os.path.join("data", "ddf_demo")
+
+
+class DemoRootError(ValueError):
+    """``--demo-root`` points at something that is not ours to replace (a non-empty folder without the demo
+    marker, or a file)."""
 TEXTURE_CLASSES = (
     "hstripes", "vstripes", "diagonal", "antidiagonal", "checker",
     "dots", "rings", "grid", "spokes", "flat",
@@ -198,41 +207,59 @@ def is_built(root: str, **overrides) -> bool:
         return False
 
 
+def check_demo_root(root: str) -> None:
+    """Raise DemoRootError unless ``root`` is missing, an empty folder, or a demo-marked folder."""
+    root = os.path.abspath(root)
+    if not os.path.lexists(root):
+        return
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise DemoRootError(f"--demo-root {root} exists and is not a folder; give a new or empty folder")
+    if os.listdir(root) and not os.path.isfile(os.path.join(root, _MARKER)):
+        raise DemoRootError(f"--demo-root {root} is a non-empty folder that is not a demo dataset (no {_MARKER}); "
+                            f"refusing to build there so nothing in it is replaced: give a new or empty folder")
+
+
+def _draw_all(tmp: str, params: Dict, names, draw) -> None:
+    for split, n, split_seed in (("train", params["train_per_class"], params["seed"]),
+                                 ("val", params["val_per_class"], params["seed"] + 1_000_003)):
+        for label, name in enumerate(names):
+            cdir = os.path.join(tmp, split, name)
+            os.makedirs(cdir)
+            rng = random.Random(split_seed * 1000 + label)
+            for i in range(n):
+                draw(label, params["img_size"], rng).save(os.path.join(cdir, f"{name}_{i:05d}.jpeg"), quality=90)
+    with open(os.path.join(tmp, _MARKER), "w") as f:
+        json.dump(params, f)
+
+
 def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, val_per_class: int = None,
                        img_size: int = None, seed: int = None, verbose: bool = True, kind: str = None) -> str:
-    """Build the demo dataset under ``root`` unless an identical one is already there. Returns ``root``."""
+    """Build the demo dataset under ``root`` unless an identical one is already there. Returns ``root``.
+    Refuses (DemoRootError) a ``root`` that holds anything but an earlier demo build."""
     params = _params(train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed,
                      kind=kind)
+    for key in ("train_per_class", "val_per_class", "img_size"):
+        if not isinstance(params[key], int) or params[key] < (8 if key == "img_size" else 1):
+            raise ValueError(f"--demo-{key.replace('_', '-')} must be an integer >= "
+                             f"{8 if key == 'img_size' else 1}, got {params[key]!r}")
     names = class_names(params["kind"])
     draw = draw_texture if params["kind"] == "textures" else draw_shape
     root = os.path.abspath(root)
     if is_built(root, **params):
         return root
-    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, _MARKER)):
-        raise ValueError(f"--demo-root {root} exists, is not empty and holds no demo dataset built by ddf "
-                         f"(no {_MARKER} marker): refusing to replace it; pass an empty or new folder")
+    check_demo_root(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     if verbose:
-        print(f"Building demo dataset in {root} ({len(names)} {params['kind']} classes, {params['train_per_class']} train / "
-              f"{params['val_per_class']} val images per class, {params['img_size']}px) ...", flush=True)
+        print(f"Building demo dataset in {root} ({len(names)} {params['kind']} classes, {params['train_per_class']} "
+              f"train / {params['val_per_class']} val images per class, {params['img_size']}px) ...", flush=True)
     tmp = tempfile.mkdtemp(prefix=".ddf_demo_tmp_", dir=parent)
     try:
-        for split, n, split_seed in (("train", params["train_per_class"], params["seed"]),
-                                     ("val", params["val_per_class"], params["seed"] + 1_000_003)):
-            for label, name in enumerate(names):
-                cdir = os.path.join(tmp, split, name)
-                os.makedirs(cdir)
-                rng = random.Random(split_seed * 1000 + label)
-                for i in range(n):
-                    img = draw(label, params["img_size"], rng)
-                    img.save(os.path.join(cdir, f"{name}_{i:05d}.jpeg"), quality=90)
-        with open(os.path.join(tmp, _MARKER), "w") as f:
-            json.dump(params, f)
-        if os.path.isdir(root):  # empty, or our own (marked) build with other parameters
-            old = root + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(root, old)
+        _draw_all(tmp, params, names, draw)
+        if os.path.isdir(root):  # empty, or an earlier demo build with other parameters (checked above)
+            check_demo_root(root)
+            old = tempfile.mkdtemp(prefix=".ddf_demo_old_", dir=parent)
+            os.replace(root, os.path.join(old, "d"))
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, root)
     except BaseException:

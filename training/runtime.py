@@ -1,0 +1,273 @@
+"""Process set-up for training: logging, device and distributed init, AMP, RNG state, stop signals, run log."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .io import atomic_write
+
+_logger = logging.getLogger("train")
+LOGGER_NAMES = ("train", "ddf", "validate")
+
+
+# ------------------------------------------------------------------------------------------------------ logging
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (pytest swaps it between tests)."""
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def setup_logging(rank: int = 0) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    for name in LOGGER_NAMES:
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.propagate = False
+        if not any(isinstance(h, _StdoutHandler) for h in lg.handlers):
+            h = _StdoutHandler()
+            h.setFormatter(logging.Formatter("%(message)s"))
+            lg.addHandler(h)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+# ---------------------------------------------------------------------------------------------- device, dist
+@dataclass
+class Runtime:
+    device: torch.device
+    distributed: bool = False
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_runtime(device: Optional[str] = None) -> Runtime:
+    """Device and process group from the launcher's environment (torchrun, SLURM) via timm's
+    ``init_distributed_device_so``; NCCL on CUDA, gloo on CPU."""
+    from timm.utils.distributed import init_distributed_device_so
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {want!r}")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {want}: CUDA is not available on this machine (use --device cpu)")
+    if dist.is_available() and dist.is_initialized():
+        return Runtime(torch.device(want if want == "cpu" else f"cuda:{os.environ.get('LOCAL_RANK', 0)}"), True,
+                       dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)))
+    r = init_distributed_device_so(device=want)
+    return Runtime(torch.device(r["device"]), r["distributed"], r["world_size"], r["global_rank"], r["local_rank"])
+
+
+def shutdown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def determinism(deterministic: bool, device: torch.device):
+    """Deterministic algorithms (and cudnn) inside the block; the previous settings are restored after it
+    (train.main() is also called in-process by the tests)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    try:
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
+# ------------------------------------------------------------------------------------------------------- AMP
+def resolve_amp(device: torch.device, amp: bool, amp_dtype: str) -> Tuple[Optional[torch.dtype], str]:
+    """Return (autocast dtype or None, human note). CPU autocast runs in bfloat16 (float16 is not offered there)."""
+    if not amp:
+        return None, "float32 (no AMP)"
+    if amp_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"--amp-dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}")
+    if device.type == "cpu":
+        note = "bfloat16 autocast on CPU"
+        if amp_dtype == "float16":
+            note += " (--amp-dtype float16 is CUDA-only; CPU autocast uses bfloat16)"
+        return torch.bfloat16, note
+    dtype = torch.float16 if amp_dtype == "float16" else torch.bfloat16
+    return dtype, f"{amp_dtype} autocast on {device.type}" + (" with a grad scaler" if dtype == torch.float16 else "")
+
+
+def autocast_ctx(device: torch.device, dtype: Optional[torch.dtype]) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: Optional[torch.dtype]):
+    """A GradScaler for float16 autocast on CUDA, else None."""
+    if dtype != torch.float16 or device.type != "cuda":
+        return None
+    return torch.amp.GradScaler("cuda")
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError):
+            _logger.warning("could not restore CUDA RNG state (different GPU count)")
+
+
+def gather_rng(rt: Runtime):
+    """This process's RNG state, or (distributed) the list of every rank's."""
+    st = rng_state()
+    if not rt.distributed:
+        return st
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, st)
+    return out
+
+
+def restore_rng(saved, rank: int) -> None:
+    if saved is None:
+        return
+    if isinstance(saved, list):
+        saved = saved[rank] if rank < len(saved) else saved[0]
+    set_rng_state(saved)
+
+
+# -------------------------------------------------------------------------------------------------- signals
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM, so a signal sent to the whole process group
+    (Ctrl-C, SLURM scancel, Kubernetes) leaves them alive until the main process has saved and shut them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class GracefulStop:
+    """Turns the first SIGTERM / SIGINT into a request to stop after the current step (the caller saves
+    ``last.pth.tar`` and exits); a second SIGINT interrupts at once. Distributed runs agree on the stop with an
+    all-reduce so that every rank stops at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.signum: Optional[int] = None
+        self._old: Dict[int, object] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _logger.warning("received %s: saving last.pth.tar after the current step, then stopping",
+                        signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """True once any rank received a signal (one all-reduce per call when distributed)."""
+        if not self.rt.distributed:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
+
+
+# -------------------------------------------------------------------------------------------------- run log
+class RunLog:
+    """Per-epoch summary.csv (kept across resumes, written atomically) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out_dir: str, tensorboard: bool = True):
+        self.csv_path = os.path.join(out_dir, "summary.csv")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - tensorboard missing or broken
+                _logger.warning("TensorBoard logging disabled: %s", e)
+
+    def epoch(self, row: Dict) -> None:
+        rows: List[Dict] = []
+        if os.path.isfile(self.csv_path):  # drop a row of the same epoch written before an interruption/resume
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("epoch") != str(row["epoch"])]
+        rows.append(dict(row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(row.keys()), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.csv_path, buf.getvalue())
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def step(self, tag: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
