@@ -11,7 +11,7 @@ the original release, so its checkpoints load strictly:
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.init import calculate_gain
 
 from ._checks import COMBINES
+from ._checks import combine_code as _combine_code
 from ._checks import check_choice as _check_choice
 from ._checks import check_int as _check_int
 from .functional import ddf
@@ -62,9 +63,15 @@ def _check_se_ratio(owner: str, in_channels: int, se_ratio) -> float:
 
 def _normalise(y: torch.Tensor) -> torch.Tensor:
     """FilterNorm over dim 2, computed in float32 for half types (eps 1e-10 underflows in float16)."""
-    if y.dtype in (torch.float16, torch.bfloat16):
+    if y.dtype == torch.float16 or y.dtype == torch.bfloat16:
         return filter_norm(y.float(), dim=2).to(y.dtype)
     return filter_norm(y, dim=2)
+
+
+def _shape(x: torch.Tensor) -> str:
+    """``str(tuple(x.shape))`` for error messages, written so that TorchScript compiles it too."""
+    dims: List[str] = [str(n) for n in x.shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
 @_notrace
@@ -103,32 +110,30 @@ class FilterNorm(nn.Module):
             self.std = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kk = self.kernel_size ** 2
+        kk = self.kernel_size * self.kernel_size
         g = self.in_channels
         if self.filter_type == "spatial":
             if x.dim() != 4 or x.shape[1] != g * kk:
                 raise ValueError(
-                    f"FilterNorm(spatial): input must have shape (B, {g}*{kk}, H, W), got {tuple(x.shape)}"
+                    f"FilterNorm(spatial): input must have shape (B, {g}*{kk}, H, W), got {_shape(x)}"
                 )
-            b, _, h, w = x.shape
+            b, h, w = x.shape[0], x.shape[2], x.shape[3]
             y = _normalise(x.reshape(b, g, kk, h, w)).reshape(b, g * kk, h, w)
-            if self.running_std:
-                y = y * self.std.view(1, -1, 1, 1)
-            else:
-                y = y * self.std
-            return y
+            return self._scale(y, [1, -1, 1, 1])
         if x.numel() != x.shape[0] * g * kk:
             raise ValueError(
                 f"FilterNorm(channel): input must hold B*{g}*{kk} values (shape (B, {g * kk}[, 1, 1])), "
-                f"got {tuple(x.shape)}"
+                f"got {_shape(x)}"
             )
         b = x.shape[0]
         y = _normalise(x.reshape(b, g, kk)).reshape(b, g * kk)
-        if self.running_std:
-            y = y * self.std.view(1, -1)
-        else:
-            y = y * self.std
-        return y
+        return self._scale(y, [1, -1])
+
+    def _scale(self, y: torch.Tensor, view: List[int]) -> torch.Tensor:
+        # isinstance (not running_std) so that TorchScript compiles only the branch of this instance's type
+        if isinstance(self.std, torch.Tensor):
+            return y * self.std.view(view)
+        return y * self.std
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, kernel_size={self.kernel_size}, filter_type={self.filter_type!r}, "
@@ -152,9 +157,63 @@ def _channel_norm(norm: str, in_channels: int, kernel_size: int, nonlinearity: s
     return nn.Sigmoid()
 
 
+@torch.jit.unused
+def _fusion_flag() -> bool:
+    return _FUSE_SPATIAL_NORM
+
+
+def _fusion_on() -> bool:
+    """The module switch ``_FUSE_SPATIAL_NORM`` (read at every call; TorchScript always fuses)."""
+    if torch.jit.is_scripting():
+        return True
+    return _fusion_flag()
+
+
+class SpatialBranch(nn.Sequential):
+    """The spatial branch: ``[depthwise conv] -> 1x1 conv to head*k*k -> normalisation`` (an ``nn.Sequential``, so
+    its state-dict keys are the original release's), plus :meth:`filter_and_gain` for the fused FilterNorm."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        last = layers[-1]
+        #: gain of a fixed-scale FilterNorm at the end (applied inside the op when fused), 0.0 otherwise
+        self.fusable_gain = float(last.std) if isinstance(last, FilterNorm) and not last.running_std else 0.0
+
+    def filter_and_gain(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """``(raw filter, gain)`` when the branch ends in a fixed-scale FilterNorm and fusion is on (the op then
+        normalises: ``ddf(..., spatial_norm=True, spatial_gain=gain)``); otherwise ``(finished filter, 0.0)``."""
+        fuse = _fusion_on() and self.fusable_gain > 0.0
+        n = len(self)
+        for i, layer in enumerate(self):
+            if not fuse or i < n - 1:
+                x = layer(x)
+        return x, (self.fusable_gain if fuse else 0.0)
+
+
+@torch.jit.unused
+def _ddf_eager(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Tensor, kernel_size: int,
+               dilation: int, stride: int, head: int, combine: int, gain: float) -> torch.Tensor:
+    return ddf(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine,
+               spatial_norm=gain > 0.0, spatial_gain=gain if gain > 0.0 else 1.0)
+
+
+def _apply_ddf(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Tensor, kernel_size: int,
+               dilation: int, stride: int, head: int, combine: int, gain: float) -> torch.Tensor:
+    """The op with the modules' filters; ``gain > 0`` = fused spatial FilterNorm with that gain. Eager calls go
+    through :func:`ddf.ddf` (its checks); TorchScript calls the op, whose body runs the same checks."""
+    if channel_filter.dtype != x.dtype:  # e.g. BatchNorm kept in float32 under autocast
+        channel_filter = channel_filter.to(x.dtype)
+    if spatial_filter.dtype != x.dtype:
+        spatial_filter = spatial_filter.to(x.dtype)
+    if torch.jit.is_scripting():
+        return torch.ops.ddf.ddf_forward(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head,
+                                         combine, gain > 0.0, gain if gain > 0.0 else 1.0)
+    return _ddf_eager(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, gain)
+
+
 def build_spatial_branch(in_channels: int, kernel_size: int, head: int = 1, stride: int = 1,
                          nonlinearity: str = "relu", norm: str = "filter_norm",
-                         dw_kernel_size: int = 1) -> nn.Sequential:
+                         dw_kernel_size: int = 1) -> SpatialBranch:
     """[depthwise conv (dw_kernel_size > 1)] -> 1x1 conv to head*k*k -> normalisation."""
     layers = []
     if dw_kernel_size > 1:
@@ -163,7 +222,7 @@ def build_spatial_branch(in_channels: int, kernel_size: int, head: int = 1, stri
         stride = 1
     layers.append(nn.Conv2d(in_channels, head * kernel_size ** 2, 1, stride=stride))
     layers.append(_spatial_norm(norm, head, kernel_size, nonlinearity))
-    return nn.Sequential(*layers)
+    return SpatialBranch(*layers)
 
 
 def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0.2,
@@ -177,17 +236,6 @@ def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0
         nn.Conv2d(mid, in_channels * kernel_size ** 2, 1),
         _channel_norm(norm, in_channels, kernel_size, nonlinearity),
     )
-
-
-def _spatial_filter(branch: nn.Sequential, x: torch.Tensor):
-    """Run a spatial branch; returns ``(filter, fused_gain)``: with a FilterNorm at its end (and fusion on) the raw
-    filter and the FilterNorm gain for ``ddf(..., spatial_norm=True)``, otherwise the finished filter and None."""
-    last = branch[-1]
-    if not (_FUSE_SPATIAL_NORM and isinstance(last, FilterNorm) and not last.running_std):
-        return branch(x), None
-    for layer in branch[:-1]:
-        x = layer(x)
-    return x, float(last.std)
 
 
 @_notrace
@@ -221,6 +269,7 @@ class DDFPack(nn.Module):
         if self.in_channels % self.head != 0:
             raise ValueError(f"{owner}: head={self.head} must divide in_channels={self.in_channels}")
         self.kernel_combine = _check_choice(owner, "kernel_combine", kernel_combine, _COMBINES)
+        self._combine = _combine_code(self.kernel_combine)
         self.filters = _check_choice(owner, "filters", filters, _FILTERS)
         self.normalization = _check_choice(owner, "normalization", normalization, _NORMS)
         _check_choice(owner, "nonlinearity", nonlinearity, _NONLINEARITIES)
@@ -237,32 +286,28 @@ class DDFPack(nn.Module):
         else:
             self.channel_branch = None
 
-    def _constant(self, shape, like: torch.Tensor) -> torch.Tensor:
-        fill = 1.0 if self.kernel_combine == "mul" else 0.0
+    def _constant(self, shape: List[int], like: torch.Tensor) -> torch.Tensor:
+        fill = 1.0 if self._combine == 0 else 0.0
         return torch.full(shape, fill, dtype=like.dtype, device=like.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"DDFPack: input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        b, c, h, w = x.shape
+                f"DDFPack: input must have shape (B, {self.in_channels}, H, W), got {_shape(x)}")
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         k = self.kernel_size
         if self.channel_branch is not None:
             channel_filter = self.channel_branch(x).reshape(b, c, k, k)
         else:
-            channel_filter = self._constant((b, c, k, k), x)
-        gain = None
+            channel_filter = self._constant([b, c, k, k], x)
+        gain = 0.0
         if self.spatial_branch is not None:
-            spatial_filter, gain = _spatial_filter(self.spatial_branch, x)
+            spatial_filter, gain = self.spatial_branch.filter_and_gain(x)
         else:
             ho, wo = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
-            spatial_filter = self._constant((b, self.head * k * k, ho, wo), x)
-        if channel_filter.dtype != x.dtype:  # e.g. BatchNorm kept in float32 under autocast
-            channel_filter = channel_filter.to(x.dtype)
-        if spatial_filter.dtype != x.dtype:
-            spatial_filter = spatial_filter.to(x.dtype)
-        return ddf(x, channel_filter, spatial_filter, k, self.dilation, self.stride, self.head,
-                   self.kernel_combine, spatial_norm=gain is not None, spatial_gain=gain or 1.0)
+            spatial_filter = self._constant([b, self.head * k * k, ho, wo], x)
+        return _apply_ddf(x, channel_filter, spatial_filter, k, self.dilation, self.stride, self.head,
+                          self._combine, gain)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -305,6 +350,7 @@ class DDFUpPack(nn.Module):
                              f"got {joint_channels}")
         self.joint_channels = int(joint_channels)
         self.kernel_combine = _check_choice(owner, "kernel_combine", kernel_combine, _COMBINES)
+        self._combine = _combine_code(self.kernel_combine)
         _check_choice(owner, "nonlinearity", nonlinearity, _NONLINEARITIES)
         se_ratio = _check_se_ratio(owner, self.in_channels, se_ratio)
         guide_channels = self.joint_channels if self.joint else self.in_channels
@@ -326,33 +372,37 @@ class DDFUpPack(nn.Module):
     def forward(self, x: torch.Tensor, joint_x: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"DDFUpPack: x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        b, c, h, w = x.shape
-        if self.joint:
+                f"DDFUpPack: x must have shape (B, {self.in_channels}, H, W), got {_shape(x)}")
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        guide = self._guide(x, joint_x)
+        k = self.kernel_size
+        outs: List[torch.Tensor] = []
+        for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
+            channel_filter = c_b(x).reshape(b, c, k, k)
+            spatial_filter, gain = s_b.filter_and_gain(guide)
+            outs.append(_apply_ddf(x, channel_filter, spatial_filter, k, self.dilation, 1, self.head,
+                                   self._combine, gain))
+        out = torch.stack(outs, dim=2).reshape(b, c * self.scale_factor * self.scale_factor, h, w)
+        return F.pixel_shuffle(out, self.scale_factor)
+
+    def _guide(self, x: torch.Tensor, joint_x: Optional[torch.Tensor]) -> torch.Tensor:
+        """The features the spatial filters are predicted from: ``joint_x`` (joint upsampling) or ``x``."""
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+        if self.joint_channels > 0:
             if joint_x is None:
                 raise ValueError(
                     f"DDFUpPack: built for joint upsampling (joint_channels={self.joint_channels}); "
                     f"forward needs joint_x of shape (B, {self.joint_channels}, {h}, {w})")
-            if joint_x.dim() != 4 or tuple(joint_x.shape) != (b, self.joint_channels, h, w):
+            if joint_x.dim() != 4 or list(joint_x.shape) != [b, self.joint_channels, h, w]:
                 raise ValueError(
                     f"DDFUpPack: joint_x must have shape (B, joint_channels, H, W) = "
-                    f"({b}, {self.joint_channels}, {h}, {w}), got {tuple(joint_x.shape)}")
-            guide = joint_x
-        else:
-            if joint_x is not None:
-                raise ValueError(
-                    "DDFUpPack: joint_x given but the module was built for typical upsampling "
-                    "(joint_channels=-1); build it with joint_channels=<guidance channels>")
-            guide = x
-        k = self.kernel_size
-        outs = []
-        for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
-            channel_filter = c_b(x).reshape(b, c, k, k).to(x.dtype)
-            spatial_filter, gain = _spatial_filter(s_b, guide)
-            outs.append(ddf(x, channel_filter, spatial_filter.to(x.dtype), k, self.dilation, 1, self.head,
-                            self.kernel_combine, spatial_norm=gain is not None, spatial_gain=gain or 1.0))
-        out = torch.stack(outs, dim=2).reshape(b, c * self.scale_factor ** 2, h, w)
-        return F.pixel_shuffle(out, self.scale_factor)
+                    f"({b}, {self.joint_channels}, {h}, {w}), got {_shape(joint_x)}")
+            return joint_x
+        if joint_x is not None:
+            raise ValueError(
+                "DDFUpPack: joint_x given but the module was built for typical upsampling "
+                "(joint_channels=-1); build it with joint_channels=<guidance channels>")
+        return x
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, kernel_size={self.kernel_size}, scale_factor={self.scale_factor}, "

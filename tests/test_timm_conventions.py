@@ -80,3 +80,58 @@ def test_bad_input_still_gets_clear_errors():
     model = timm.create_model("ddf_mul_resnet_tiny")
     with pytest.raises(ValueError, match="DDFPack: input must have shape"):
         model.layer1[0].conv2(torch.randn(1, 3, 8, 8))
+
+
+# torch.jit.script/save/load are deprecated in recent torch (FutureWarning); timm still tests scripting
+_JIT_DEPRECATED = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
+
+
+def _scripted(module):
+    return torch.jit.script(module)
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("name", FAST + ["ddf_mul_resnet50", "ddf_add_resnet50"])
+def test_torchscript_forward_backward_and_save(name, tmp_path):
+    """timm's test_model_forward_torchscript: the scripted model gives the eager outputs and gradients, and
+    survives torch.jit.save/load."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    scripted = _scripted(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(scripted(x), ref, atol=1e-5, rtol=1e-5)
+    torch.jit.save(scripted, str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    xs, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loaded(xs).sum().backward()
+    model(xe).sum().backward()
+    assert torch.allclose(xs.grad, xe.grad, atol=1e-5, rtol=1e-4)
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("kwargs", [dict(), dict(filters="spatial"), dict(filters="channel"),
+                                    dict(normalization="batch_norm"), dict(normalization="sigmoid"),
+                                    dict(kernel_combine="add", stride=2, head=2, dilation=2)])
+def test_torchscript_ddfpack_variants(kwargs):
+    torch.manual_seed(0)
+    module = ddf.DDFPack(16, 3, **kwargs).eval()
+    scripted = _scripted(module)
+    x = torch.randn(2, 16, 9, 10)
+    assert torch.allclose(scripted(x), module(x), atol=1e-6)
+    with pytest.raises(torch.jit.Error, match=r"DDFPack: input must have shape \(B, 16, H, W\), got \(2, 8, 9, 10\)"):
+        scripted(torch.randn(2, 8, 9, 10))
+
+
+@_JIT_DEPRECATED
+def test_torchscript_ddfuppack_typical_and_joint():
+    torch.manual_seed(0)
+    typical = ddf.DDFUpPack(8, 3).eval()
+    joint = ddf.DDFUpPack(8, 3, joint_channels=3).eval()
+    x, guide = torch.randn(1, 8, 5, 6), torch.randn(1, 3, 5, 6)
+    assert torch.allclose(_scripted(typical)(x), typical(x), atol=1e-6)
+    scripted_joint = _scripted(joint)
+    assert torch.allclose(scripted_joint(x, guide), joint(x, guide), atol=1e-6)
+    with pytest.raises(torch.jit.Error, match="forward needs joint_x"):
+        scripted_joint(x)
