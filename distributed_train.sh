@@ -64,4 +64,8 @@ else
     RDZV=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
 fi
 
-exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" "$HERE/train.py" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+# on SIGTERM/SIGINT torchrun forwards the signal and gives the workers this long to save before it kills them
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+# torchrun through training/launch.py: a SIGTERM/SIGINT stops with one line and exit 128+signal (no traceback)
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m training.launch "${RDZV[@]}" --nproc_per_node "$NPROC" "$HERE/train.py" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}

@@ -176,6 +176,26 @@ def test_signal_to_process_group_saves_and_resume_continues(demo_root, tmp_path,
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_torchrun_process_group_stops_cleanly(demo_root, tmp_path, sig):
+    """distributed_train.sh: the signal reaches torchrun's agent, which forwards it to the workers; they save and
+    the launcher exits 128+signal with one line instead of torchrun's SignalException traceback."""
+    args = tiny(demo_root, tmp_path, "dsig", "--epochs", "200", "--workers", "1", "--log-interval", "1")
+    log = open(tmp_path / "dist_log.txt", "w+")
+    p = subprocess.Popen([os.path.join(ROOT, "distributed_train.sh"), "2", *args], cwd=str(tmp_path),
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for(p, log, "Train: 0 [   2/")
+    os.killpg(p.pid, sig)
+    rc = p.wait(timeout=120)
+    log.seek(0)
+    out = log.read()
+    assert rc == 128 + sig, out[-3000:]
+    assert "Traceback" not in out and f"distributed_train.sh: stopped by {sig.name}" in out, out[-3000:]
+    ck = load_checkpoint(os.path.join(str(tmp_path), "dsig", "last.pth.tar"))
+    assert ck["epoch"] * 2 + (ck["step"] or 2) >= 2  # 2 steps per epoch with 2 processes
+
+
 # ---------------------------------------------------------------------------------------- damaged files
 def _flip_byte(path, where=0.6):
     data = bytearray(open(path, "rb").read())
