@@ -461,14 +461,26 @@ def test_tar_split_through_timms_reader_matches_the_folder(tmp_path):
         assert label == ref_label and np.array_equal(np.asarray(img), np.asarray(ref_img))
 
 
-def test_other_dataset_readers_give_clear_errors(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        has_hf = True
-    except ImportError:
-        has_hf = False
-    if not has_hf:
-        with pytest.raises(DatasetError, match="needs the Hugging Face 'datasets' package"):
-            create_dataset(str(tmp_path), "train", dataset="hfds/some/name")
+def test_other_dataset_readers_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="cannot be resumed exactly"):
         create_dataset(str(tmp_path), "train", dataset="wds/shards")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the package were not installed
+    with pytest.raises(DatasetError, match="needs the Hugging Face 'datasets' package"):
+        create_dataset(str(tmp_path), "train", dataset="hfds/some/name")
+
+
+def test_hugging_face_dataset_trains_and_resumes(demo_root, tmp_path):
+    """--dataset hfds/<path>: a local image-folder dataset through Hugging Face datasets and timm's ReaderHfds
+    (no network); the HF split is named 'validation'; a wrong split name is a clear error; resume continues."""
+    cache, hf = str(tmp_path / "hf_cache"), "hfds/" + demo_root
+    with pytest.raises(DatasetError, match="no split 'val'.*--val-split"):
+        create_dataset(cache, "val", dataset=hf)
+    ds = create_dataset(cache, "train", dataset=hf)
+    assert len(ds) == 80 and len(ds.classes) == 10
+    args = ["--dataset", hf, "--val-split", "validation", "--model", "ddf_mul_resnet_tiny", "--img-size", "32",
+            "-b", "16", "--workers", "0", "--epochs", "2", "--warmup-epochs", "0", "--output", str(tmp_path),
+            "--seed", "3", "--no-tensorboard", "--num-classes", "10"]
+    first = train.main([cache, *args, "--experiment", "hf", "--stop-after-steps", "3"])
+    assert first["global_step"] == 3 and first["interrupted"]
+    res = train.main([cache, *args, "--experiment", "hf", "--resume", os.path.join(first["output"], "last.pth.tar")])
+    assert res["global_step"] == 10 and len(res["history"]) >= 1 and res["best_metric"] >= 0

@@ -146,7 +146,13 @@ def open_reader(root: str, split: str, dataset: str = "") -> Tuple[object, List[
             raise DatasetError(f"--dataset {dataset}: needs the Hugging Face 'datasets' package "
                                f"(pip install datasets)") from None
         from timm.data.readers import create_reader
-        reader = create_reader(dataset, root=root, split=split)
+        try:
+            reader = create_reader(dataset, root=root, split=split)
+        except ValueError as e:  # datasets: 'Unknown split "val". Should be one of [...]'
+            if "split" not in str(e).lower():
+                raise
+            raise DatasetError(f"--dataset {dataset}: no split {split!r} ({e}); choose one with --train-split / "
+                               f"--val-split (Hugging Face datasets usually name it 'validation')") from None
         return reader, _tar_classes(reader), f"{dataset} [{split}]"
     if dataset:
         raise DatasetError(f"--dataset {dataset!r} is not supported: use '' (image folder or <split>.tar) or "
