@@ -121,11 +121,12 @@ def test_reused_experiment_name_keeps_the_earlier_run(demo_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- signals
-def _start(args, tmp_path):
+def _start(args, tmp_path, launcher=None):
+    """train.py (or ``launcher + args``) in a new session (its own process group), logging to a file."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(tmp_path / f"log_{time.monotonic_ns()}.txt", "w+")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = (launcher or [sys.executable, os.path.join(ROOT, "train.py")]) + list(args)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return p, log
 
 
@@ -142,18 +143,23 @@ def _wait_for(p, log, text, timeout=240):
     raise AssertionError(f"timeout waiting for {text!r}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_to_process_group_saves_and_resume_continues(demo_root, tmp_path, sig):
-    # loader workers (-j 1) share the process group, as under SLURM scancel / Kubernetes / Ctrl-C; many epochs so the
-    # run is still going when the signal arrives, however slow the machine
-    args = tiny(demo_root, tmp_path, "sig", "--epochs", "200", "--workers", "1", "--log-interval", "1")
-    p, log = _start(args, tmp_path)
-    _wait_for(p, log, "Train: 0 [   2/5")
+def _stop_after_second_step(p, log, sig):
+    """Send ``sig`` to the run's process group once step 2 is logged; the log after it exited 128+sig."""
+    _wait_for(p, log, "Train: 0 [   2/")
     os.killpg(p.pid, sig)
     rc = p.wait(timeout=240)
     log.seek(0)
     out = log.read()
     assert rc == 128 + sig, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_process_group_saves_and_resume_continues(demo_root, tmp_path, sig):
+    # loader workers (-j 1) share the process group, as under SLURM scancel / Kubernetes / Ctrl-C; many epochs so the
+    # run is still going when the signal arrives, however slow the machine
+    args = tiny(demo_root, tmp_path, "sig", "--epochs", "200", "--workers", "1", "--log-interval", "1")
+    out = _stop_after_second_step(*_start(args, tmp_path), sig)
     assert "Traceback" not in out and f"received {sig.name}" in out and "resume with --resume" in out, out[-3000:]
     last = os.path.join(str(tmp_path), "sig", "last.pth.tar")
     ck = load_checkpoint(last)
@@ -181,16 +187,7 @@ def test_signal_to_torchrun_process_group_stops_cleanly(demo_root, tmp_path, sig
     """distributed_train.sh: the signal reaches torchrun's agent, which forwards it to the workers; they save and
     the launcher exits 128+signal with one line instead of torchrun's SignalException traceback."""
     args = tiny(demo_root, tmp_path, "dsig", "--epochs", "200", "--workers", "1", "--log-interval", "1")
-    log = open(tmp_path / "dist_log.txt", "w+")
-    p = subprocess.Popen([os.path.join(ROOT, "distributed_train.sh"), "2", *args], cwd=str(tmp_path),
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for(p, log, "Train: 0 [   2/")
-    os.killpg(p.pid, sig)
-    rc = p.wait(timeout=120)
-    log.seek(0)
-    out = log.read()
-    assert rc == 128 + sig, out[-3000:]
+    out = _stop_after_second_step(*_start(args, tmp_path, [os.path.join(ROOT, "distributed_train.sh"), "2"]), sig)
     assert "Traceback" not in out and f"distributed_train.sh: stopped by {sig.name}" in out, out[-3000:]
     ck = load_checkpoint(os.path.join(str(tmp_path), "dsig", "last.pth.tar"))
     assert ck["epoch"] * 2 + (ck["step"] or 2) >= 2  # 2 steps per epoch with 2 processes
