@@ -65,6 +65,24 @@ def test_filter_norm_channel_learnable_scale():
     assert fn.std.grad is not None and fn.std.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape,dim", [((3, 4, 9), 2), ((2, 2, 25, 3, 4), 2)])
+def test_filter_norm_matches_torch_std_composition(dtype, tol, shape, dim):
+    """filter_norm writes the unbiased std out (speed); value and gradient equal the Tensor.std composition."""
+    from ddf.reference import filter_norm
+
+    x = (torch.randn(*shape, generator=_gen(5), dtype=torch.float64) * 2 + 0.3).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    centred = b - b.mean(dim=dim, keepdim=True)
+    want = centred / (centred.std(dim=dim, keepdim=True) + 1e-10)
+    got = filter_norm(a, dim=dim)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    g = torch.randn(*shape, generator=_gen(6), dtype=torch.float64).to(dtype)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+
+
 def test_filter_norm_channel_init_scale():
     # std is initialised as randn * gain / k: its empirical std is close to gain / k
     torch.manual_seed(0)
