@@ -42,6 +42,9 @@ _NORMS = ("filter_norm", "batch_norm", "sigmoid")
 #: DDFPack/DDFUpPack apply their spatial FilterNorm inside the op (spatial_norm=True) instead of materialising the
 #: normalised filter; the FilterNorm module stays in the branch (state-dict layout) and defines the gain.
 _FUSE_SPATIAL_NORM = True
+#: DDFPack/DDFUpPack run their standard channel branch as linear ops on (B, C) matrices (see _channel_filter);
+#: False runs the nn.Sequential as built (same parameters and math; for comparisons and benchmarks).
+_FAST_CHANNEL_BRANCH = True
 _NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                    "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 
@@ -182,12 +185,40 @@ def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0
 def _spatial_filter(branch: nn.Sequential, x: torch.Tensor):
     """Run a spatial branch; returns ``(filter, fused_gain)``: with a FilterNorm at its end (and fusion on) the raw
     filter and the FilterNorm gain for ``ddf(..., spatial_norm=True)``, otherwise the finished filter and None."""
-    last = branch[-1]
+    layers = list(branch)  # not branch[:-1]: slicing builds a new Sequential on every call
+    last = layers[-1]
     if not (_FUSE_SPATIAL_NORM and isinstance(last, FilterNorm) and not last.running_std):
         return branch(x), None
-    for layer in branch[:-1]:
+    for layer in layers[:-1]:
         x = layer(x)
     return x, float(last.std)
+
+
+def _is_standard_channel_branch(layers) -> bool:
+    """The layout of :func:`build_channel_branch` with FilterNorm: GAP, 1x1 conv, ReLU, 1x1 conv, FilterNorm."""
+    return (len(layers) == 5 and type(layers[0]) is nn.AdaptiveAvgPool2d and type(layers[1]) is nn.Conv2d
+            and type(layers[2]) is nn.ReLU and type(layers[3]) is nn.Conv2d and type(layers[4]) is FilterNorm
+            and layers[4].running_std)
+
+
+def _channel_filter(branch: nn.Sequential, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Run a channel branch; returns the channel filter ``(B, C, k, k)``.
+
+    The standard branch (see :func:`build_channel_branch`) runs as a few small ops on ``(B, C)`` matrices: the
+    1x1 convs of a 1x1 map are ``linear`` (no convolution primitive to set up, none of its memory-format cases),
+    and the FilterNorm and its learnable scale follow on the ``(B, C, k*k)`` view. Same parameters, same math
+    (tests/test_modules.py compares it with ``branch(x)``); any other branch runs as built.
+    """
+    b, c = x.shape[0], x.shape[1]
+    layers = list(branch)
+    if not (_FAST_CHANNEL_BRANCH and _is_standard_channel_branch(layers) and layers[0].output_size in (1, (1, 1))):
+        return branch(x).reshape(b, c, kernel_size, kernel_size)
+    conv1, conv2, norm = layers[1], layers[3], layers[4]
+    kk = kernel_size * kernel_size
+    g = x.mean((2, 3))
+    g = F.relu(F.linear(g, conv1.weight.flatten(1), conv1.bias))
+    y = F.linear(g, conv2.weight.flatten(1), conv2.bias).view(b, c, kk)
+    return (_normalise(y) * norm.std.view(c, kk)).view(b, c, kernel_size, kernel_size)
 
 
 @_notrace
@@ -248,7 +279,7 @@ class DDFPack(nn.Module):
         b, c, h, w = x.shape
         k = self.kernel_size
         if self.channel_branch is not None:
-            channel_filter = self.channel_branch(x).reshape(b, c, k, k)
+            channel_filter = _channel_filter(self.channel_branch, x, k)
         else:
             channel_filter = self._constant((b, c, k, k), x)
         gain = None
@@ -347,7 +378,7 @@ class DDFUpPack(nn.Module):
         k = self.kernel_size
         outs = []
         for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
-            channel_filter = c_b(x).reshape(b, c, k, k).to(x.dtype)
+            channel_filter = _channel_filter(c_b, x, k).to(x.dtype)
             spatial_filter, gain = _spatial_filter(s_b, guide)
             outs.append(ddf(x, channel_filter, spatial_filter.to(x.dtype), k, self.dilation, 1, self.head,
                             self.kernel_combine, spatial_norm=gain is not None, spatial_gain=gain or 1.0))

@@ -122,6 +122,39 @@ def test_ddfpack_matches_written_out(combine, stride, dilation, head):
     torch.testing.assert_close(y, _expected_ddfpack(m, x), **TOL)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_branch_fast_path_matches_branch(dtype, tol, channels_last):
+    """DDFPack runs its standard channel branch as linear ops (speed): value and gradients (input and every
+    parameter) equal running the nn.Sequential branch as built."""
+    from ddf.modules import _channel_filter
+
+    torch.manual_seed(0)
+    m = DDFPack(16, 5).to(dtype)
+    x = torch.randn(3, 16, 6, 7, generator=_gen(7), dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = list(m.channel_branch.parameters())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast = _channel_filter(m.channel_branch, xa, 5)
+    slow = m.channel_branch(xb).reshape(3, 16, 5, 5)
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+    g = torch.randn(3, 16, 5, 5, generator=_gen(8), dtype=torch.float64).to(dtype)
+    grads_fast = torch.autograd.grad(fast, [xa] + params, g)
+    grads_slow = torch.autograd.grad(slow, [xb] + params, g)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_channel_branch_other_layouts_run_as_built():
+    from ddf.modules import _channel_filter
+
+    torch.manual_seed(0)
+    m = DDFPack(8, 3, normalization="sigmoid").double()
+    x = torch.randn(2, 8, 5, 5, generator=_gen(9), dtype=DT)
+    torch.testing.assert_close(_channel_filter(m.channel_branch, x, 3), m.channel_branch(x).reshape(2, 8, 3, 3))
+
+
 def test_ddfpack_state_dict_keys_as_original():
     m = DDFPack(16, se_ratio=0.25)
     sd = m.state_dict()
