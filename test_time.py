@@ -6,6 +6,10 @@ Two tables are reproduced and printed beside the paper's numbers:
 * **Table A** (supplement): ``B x C x R x R`` inputs for a list of resolutions ``R``; entries Conv
   (``nn.Conv2d(C, C, 3, padding=1)``), DwConv (``groups=C``), DDF module (``ddf.DDFPack``, filters
   predicted from the input) and DDF op (``ddf.ddf`` with the filters given).
+* **Table F** (ours, not in the paper): the DDF module with its spatial FilterNorm fused into the op (the
+  default, ``ddf.modules._FUSE_SPATIAL_NORM = True``: the op normalises the raw filter, the normalised filter
+  never exists) beside the unfused module (``False``: the normalised filter is written to memory first), at the
+  Table A sizes, and their ratio.
 * **Table 2** (paper): one input shape (default ``2 x 256 x 200 x 300``); entries Conv, DwConv,
   PAC (**our** unfold re-implementation in ``benchmarks/pac.py``, not the original PAC code),
   DDF module and DDF op; latency and peak allocated memory.
@@ -54,6 +58,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import ddf.modules as ddf_modules  # noqa: E402
 from ddf import DDFPack, backend_info, ddf  # noqa: E402
 from benchmarks.pac import PacConv2dBaseline  # noqa: E402
 from training.io import atomic_write, check_output_dir, check_output_file  # noqa: E402
@@ -84,12 +89,15 @@ PAPER_TABLE_2: Dict[str, Tuple[float, float]] = {
 
 ENTRIES_A = ("conv", "dwconv", "ddf", "ddf_op")
 ENTRIES_2 = ("conv", "dwconv", "pac", "ddf", "ddf_op")
+ENTRIES_F = ("ddf", "ddf_unfused")
+TABLES = ("A", "2", "F")
 LABELS = {
     "conv": "Conv",
     "dwconv": "DwConv",
     "pac": "PAC (our unfold baseline)",
     "ddf": "DDF module (DDFPack)",
     "ddf_op": "DDF op (filters given)",
+    "ddf_unfused": "DDF module, unfused FilterNorm",
 }
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -126,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--tables", default="A,2", help="which tables to run: 'A', '2' or 'A,2'")
+    p.add_argument("--tables", default="A,2,F",
+                   help="which tables to run, comma-separated: 'A', '2', 'F' (fused vs unfused DDF module)")
     p.add_argument("--mode", default="fwd", choices=("fwd", "fwd+bwd", "both"),
                    help="forward only (as the paper), forward+backward, or both")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -190,8 +199,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     tables = [t.strip().upper() for t in str(args.tables).split(",") if t.strip()]
-    if not tables or any(t not in ("A", "2") for t in tables):
-        raise ValueError(f"--tables must be 'A', '2' or 'A,2', got {args.tables!r}")
+    if not tables or any(t not in TABLES for t in tables):
+        raise ValueError(f"--tables must be a comma-separated subset of {','.join(TABLES)}, got {args.tables!r}")
     args.tables = tables
     for name in ("batch", "channels", "warmup", "min_repeats", "max_repeats", "copy_mib", "rounds"):
         v = getattr(args, name)
@@ -321,7 +330,7 @@ def make_entry(name: str, shape: Sequence[int], k: int, dtype: torch.dtype, devi
             m = nn.Conv2d(C, C, k, padding=k // 2, groups=C)
         elif name == "pac":
             m = PacConv2dBaseline(C, C, k)
-        elif name == "ddf":
+        elif name in ("ddf", "ddf_unfused"):
             m = DDFPack(C, kernel_size=k)
         else:
             raise ValueError(f"unknown entry {name!r}")
@@ -329,8 +338,14 @@ def make_entry(name: str, shape: Sequence[int], k: int, dtype: torch.dtype, devi
         m.train(grad)  # forward only: eval() as the original script; forward+backward: train()
         inputs = [x] + [p for p in m.parameters()]
 
+        fuse = name != "ddf_unfused"
+
         def run():
-            return m(x)
+            ddf_modules._FUSE_SPATIAL_NORM = fuse
+            try:
+                return m(x)
+            finally:
+                ddf_modules._FUSE_SPATIAL_NORM = True
     if not grad:
         def step():
             with torch.no_grad():
@@ -351,7 +366,8 @@ def run_entry(table: str, name: str, shape: Sequence[int], mode: str, args: argp
               device: torch.device) -> Dict[str, object]:
     dtype = DTYPES[args.dtype]
     rec: Dict[str, object] = dict(table=table, entry=name, label=LABELS[name], mode=mode,
-                                  shape="x".join(str(s) for s in shape), resolution=shape[2] if table == "A" else None,
+                                  shape="x".join(str(s) for s in shape),
+                                  resolution=shape[2] if table in ("A", "F") else None,
                                   dtype=args.dtype, memory_format=args.memory_format, device=str(device))
     torch.manual_seed(args.seed)
     step = keep = None
@@ -390,8 +406,8 @@ def run_entry(table: str, name: str, shape: Sequence[int], mode: str, args: argp
         if device.type == "cuda":  # free the entry's memory before the next one (gc is slow: CUDA only)
             gc.collect()
             torch.cuda.empty_cache()
-    if table == "A":
-        rec["paper_ms"] = PAPER_TABLE_A.get(shape[2], {}).get(name) if mode == "fwd" else None
+    if table in ("A", "F"):
+        rec["paper_ms"] = PAPER_TABLE_A.get(shape[2], {}).get(name) if mode == "fwd" and table == "A" else None
         rec["paper_mem"] = None
     else:
         paper = PAPER_TABLE_2.get(name) if mode == "fwd" else None
@@ -421,7 +437,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 def _get(records: List[dict], table: str, mode: str, entry: str, key) -> Optional[dict]:
     for r in records:
         if r["table"] == table and r["mode"] == mode and r["entry"] == entry:
-            if table == "2" or r["resolution"] == key:
+            if r["resolution"] == key:
                 return r
     return None
 
@@ -567,12 +583,27 @@ def format_report(meta: Dict[str, object], records: List[dict], args: argparse.N
                     if cuda else "n/a", _ratio(r["paper_mem"], pc[1]), _ratio(mem, cmem) if cuda else "n/a",
                 ]) + " |")
             L.append("")
+        if "F" in args.tables:
+            L += _fused_section(meta, records, mode)
     errors = [r for r in records if r.get("status") != "ok"]
     if errors:
         L.append("Errors: " + "; ".join(f"{r['table']}/{r['entry']}/{r['shape']}/{r['mode']}: {r['error']}"
                                         for r in errors))
         L.append("")
     return "\n".join(L)
+
+
+def _fused_section(meta: Dict[str, object], records: List[dict], mode: str) -> List[str]:
+    """Table F: DDF module with the fused spatial FilterNorm vs unfused, at the Table A sizes."""
+    a = meta["table_a"]
+    L = [f"## Table F — fused spatial FilterNorm, {mode}, B={a['batch']}, C={a['channels']}", "",
+         "DDF module with its spatial FilterNorm applied inside the op (default) vs the unfused module "
+         "(`ddf.modules._FUSE_SPATIAL_NORM = False`: the normalised filter is written to memory first); ours only.",
+         "", "| Resolution | DDF module fused | DDF module unfused | fused/unfused |", "|---|---|---|---|"]
+    for res in a["resolutions"]:
+        fused, unfused = (_get(records, "F", mode, e, res) for e in ENTRIES_F)
+        L.append(f"| {res}×{res} | {_ms(fused)} | {_ms(unfused)} | {_ratio(_med(fused), _med(unfused))} |")
+    return L + [""]
 
 
 CSV_FIELDS = ["table", "entry", "label", "mode", "shape", "resolution", "dtype", "memory_format", "device",
@@ -685,6 +716,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if "2" in args.tables:
             for e in ENTRIES_2:
                 jobs.append(("2", e, tuple(args.table2_shape), mode))
+        if "F" in args.tables:
+            for res in args.resolutions:
+                for e in ENTRIES_F:
+                    jobs.append(("F", e, (args.batch, args.channels, res, res), mode))
     by_job: Dict[int, dict] = {}
     for rnd in range(args.rounds):
         for i, (table, e, shape, mode) in enumerate(jobs):

@@ -103,17 +103,13 @@ def module_rows(rounds, resolutions):
     return rows
 
 
-def resnet_rows(rounds):
-    import timm
-
-    torch.manual_seed(0)
-    ddf_net, ref_net = timm.create_model("ddf_mul_resnet50"), timm.create_model("resnet50")
-    x = torch.randn(8, 3, 224, 224)
+def _resnet_pair_rows(ddf_net, ref_net, x, rounds, tag):
+    """Inference and training-step rows of one (DDF net, timm net) pair in one memory format ``tag``."""
     rows = []
     for m in (ddf_net, ref_net):
         m.eval()
     with torch.no_grad():
-        rows.append(("ddf_mul_resnet50 / resnet50 inference, batch 8, 224x224",
+        rows.append((f"ddf_mul_resnet50 / resnet50 inference, batch 8, 224x224, {tag}",
                      *time_pair(lambda: ddf_net(x), lambda: ref_net(x), rounds), 0.75))
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ddf_net, ref_net)]
 
@@ -126,9 +122,23 @@ def resnet_rows(rounds):
 
     for m in (ddf_net, ref_net):
         m.train()
-    rows.append(("ddf_mul_resnet50 / resnet50 training step (SGD), batch 8",
+    rows.append((f"ddf_mul_resnet50 / resnet50 training step (SGD), batch 8, {tag}",
                  *time_pair(step(ddf_net, opts[0]), step(ref_net, opts[1]), max(3, rounds // 2)), 0.85))
     return rows
+
+
+def resnet_rows(rounds):
+    """ResNet-50 rows, NCHW and channels_last (both nets and the input in the same memory format)."""
+    import timm
+
+    torch.manual_seed(0)
+    ddf_net, ref_net = timm.create_model("ddf_mul_resnet50"), timm.create_model("resnet50")
+    x = torch.randn(8, 3, 224, 224)
+    rows = _resnet_pair_rows(ddf_net, ref_net, x, rounds, "NCHW")
+    cl = torch.channels_last
+    for m in (ddf_net, ref_net):
+        m.to(memory_format=cl)
+    return rows + _resnet_pair_rows(ddf_net, ref_net, x.contiguous(memory_format=cl), rounds, "channels_last")
 
 
 def render(rows, header) -> str:

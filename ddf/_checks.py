@@ -36,9 +36,10 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
 
 def check_int(owner: str, name: str, value, minimum: int, odd: bool = False) -> int:
     """``value`` as an int >= ``minimum`` (odd if asked); TypeError/ValueError naming ``owner: name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
+    if type(value) is not int:  # plain ints (every call from the modules) skip the slow ABC checks
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
+        value = int(value)
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
     if odd and value % 2 == 0:
@@ -56,6 +57,8 @@ def combine_code(kernel_combine) -> int:
     """'mul'/'add' (or their codes 0/1) -> code; ValueError otherwise."""
     if isinstance(kernel_combine, str) and kernel_combine in COMBINES:
         return COMBINES[kernel_combine]
+    if type(kernel_combine) is int and kernel_combine in COMBINE_NAMES:  # the op's own codes: fast path
+        return kernel_combine
     if not isinstance(kernel_combine, bool) and isinstance(kernel_combine, numbers.Integral) \
             and int(kernel_combine) in COMBINE_NAMES:
         return int(kernel_combine)
@@ -97,7 +100,8 @@ def check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation,
     if spatial_norm and k < 3:
         raise ValueError(f"ddf: spatial_norm=True needs kernel_size >= 3 (the std over a single tap is undefined), "
                          f"got {k}")
-    if isinstance(spatial_gain, bool) or not isinstance(spatial_gain, numbers.Real):
+    if type(spatial_gain) is not float and (isinstance(spatial_gain, bool)
+                                            or not isinstance(spatial_gain, numbers.Real)):
         raise TypeError(f"ddf: spatial_gain must be a real number, got {type(spatial_gain).__name__}")
 
     B, C, H, W = input.shape

@@ -43,6 +43,9 @@ _NORMS = ("filter_norm", "batch_norm", "sigmoid")
 #: DDFPack/DDFUpPack apply their spatial FilterNorm inside the op (spatial_norm=True) instead of materialising the
 #: normalised filter; the FilterNorm module stays in the branch (state-dict layout) and defines the gain.
 _FUSE_SPATIAL_NORM = True
+#: DDFPack/DDFUpPack run their standard channel branch as linear ops on (B, C) matrices (FilterNormChannelBranch);
+#: False runs the nn.Sequential as built (same parameters and math; for comparisons and benchmarks).
+_FAST_CHANNEL_BRANCH = True
 _NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                    "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 
@@ -158,15 +161,15 @@ def _channel_norm(norm: str, in_channels: int, kernel_size: int, nonlinearity: s
 
 
 @torch.jit.unused
-def _fusion_flag() -> bool:
-    return _FUSE_SPATIAL_NORM
+def _eager_switches() -> Tuple[bool, bool]:
+    return _FUSE_SPATIAL_NORM, _FAST_CHANNEL_BRANCH
 
 
-def _fusion_on() -> bool:
-    """The module switch ``_FUSE_SPATIAL_NORM`` (read at every call; TorchScript always fuses)."""
+def _switches() -> Tuple[bool, bool]:
+    """``(_FUSE_SPATIAL_NORM, _FAST_CHANNEL_BRANCH)``, read at every call in eager mode; TorchScript: both on."""
     if torch.jit.is_scripting():
-        return True
-    return _fusion_flag()
+        return True, True
+    return _eager_switches()
 
 
 class SpatialBranch(nn.Sequential):
@@ -182,7 +185,7 @@ class SpatialBranch(nn.Sequential):
     def filter_and_gain(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """``(raw filter, gain)`` when the branch ends in a fixed-scale FilterNorm and fusion is on (the op then
         normalises: ``ddf(..., spatial_norm=True, spatial_gain=gain)``); otherwise ``(finished filter, 0.0)``."""
-        fuse = _fusion_on() and self.fusable_gain > 0.0
+        fuse = _switches()[0] and self.fusable_gain > 0.0
         n = len(self)
         for i, layer in enumerate(self):
             if not fuse or i < n - 1:
@@ -225,11 +228,39 @@ def build_spatial_branch(in_channels: int, kernel_size: int, head: int = 1, stri
     return SpatialBranch(*layers)
 
 
+class ChannelBranch(nn.Sequential):
+    """The channel branch: ``GAP -> 1x1 conv -> ReLU -> 1x1 conv to C*k*k -> normalisation`` (an ``nn.Sequential``:
+    the original release's state-dict keys), plus :meth:`channel_filter`; this class runs the layers as built (the
+    batch-norm / sigmoid ablations)."""
+
+    def channel_filter(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """The channel filter ``(B, C, k, k)`` predicted from ``x``."""
+        return self.forward(x).reshape(x.shape[0], x.shape[1], kernel_size, kernel_size)
+
+
+class FilterNormChannelBranch(ChannelBranch):
+    """The paper's channel branch (FilterNorm with a learnable scale at its end), run as a few small ops on
+    ``(B, C)`` matrices: the 1x1 convs of a 1x1 map are ``linear`` (no convolution primitive to set up, none of its
+    memory-format cases), and the FilterNorm and its scale follow on the ``(B, C, k*k)`` view. Same parameters and
+    math as running the layers (``ddf.modules._FAST_CHANNEL_BRANCH = False`` does that; tests compare both)."""
+
+    def channel_filter(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        b, c = x.shape[0], x.shape[1]
+        if not _switches()[1]:
+            return self.forward(x).reshape(b, c, kernel_size, kernel_size)
+        conv1, conv2, norm = self[1], self[3], self[4]
+        g = F.relu(F.linear(x.mean([2, 3]), conv1.weight.flatten(1), conv1.bias))
+        kk = kernel_size * kernel_size
+        y = _normalise(F.linear(g, conv2.weight.flatten(1), conv2.bias).view(b, c, kk))
+        return norm._scale(y.view(b, c * kk), [1, -1]).view(b, c, kernel_size, kernel_size)
+
+
 def build_channel_branch(in_channels: int, kernel_size: int, se_ratio: float = 0.2,
-                         nonlinearity: str = "relu", norm: str = "filter_norm") -> nn.Sequential:
+                         nonlinearity: str = "relu", norm: str = "filter_norm") -> ChannelBranch:
     """GAP -> 1x1 conv to int(C*se_ratio) -> ReLU -> 1x1 conv to C*k*k -> normalisation."""
     mid = int(in_channels * se_ratio)
-    return nn.Sequential(
+    cls = FilterNormChannelBranch if norm == "filter_norm" else ChannelBranch
+    return cls(
         nn.AdaptiveAvgPool2d((1, 1)),
         nn.Conv2d(in_channels, mid, 1),
         nn.ReLU(inplace=True),
@@ -297,7 +328,7 @@ class DDFPack(nn.Module):
         b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         k = self.kernel_size
         if self.channel_branch is not None:
-            channel_filter = self.channel_branch(x).reshape(b, c, k, k)
+            channel_filter = self.channel_branch.channel_filter(x, k)
         else:
             channel_filter = self._constant([b, c, k, k], x)
         gain = 0.0
@@ -378,7 +409,7 @@ class DDFUpPack(nn.Module):
         k = self.kernel_size
         outs: List[torch.Tensor] = []
         for s_b, c_b in zip(self.spatial_branch, self.channel_branch):
-            channel_filter = c_b(x).reshape(b, c, k, k)
+            channel_filter = c_b.channel_filter(x, k)
             spatial_filter, gain = s_b.filter_and_gain(guide)
             outs.append(_apply_ddf(x, channel_filter, spatial_filter, k, self.dilation, 1, self.head,
                                    self._combine, gain))

@@ -21,10 +21,18 @@ from ._checks import COMBINE_NAMES, FILTER_NORM_EPS, memory_format_of, out_size
 __all__ = ["ddf_reference", "ddf_reference_backward", "spatial_filter_norm", "filter_norm"]
 
 
+def _unbiased_std(centred: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased std over ``dim`` of an already centred tensor (keepdim). Written out because ``Tensor.std`` over a
+    short dimension (the 9 taps of a 3x3 filter) is ~7x slower on CPU than these two reductions, and its backward
+    slower still."""
+    n = centred.shape[dim]
+    return ((centred * centred).sum(dim=dim, keepdim=True) / (n - 1)).sqrt()
+
+
 def filter_norm(x: torch.Tensor, dim: int, eps: float = FILTER_NORM_EPS) -> torch.Tensor:
     """(x - mean) / (unbiased std + eps) over ``dim`` (paper Eq. 3 without the scale), in x's dtype."""
     x = x - x.mean(dim=dim, keepdim=True)
-    return x / (x.std(dim=dim, keepdim=True) + eps)
+    return x / (_unbiased_std(x, dim) + eps)
 
 
 def spatial_filter_norm(spatial_filter: torch.Tensor, head: int, kernel_size: int, gain: float = 1.0) -> torch.Tensor:
@@ -104,7 +112,7 @@ def _filter_norm_backward(raw: torch.Tensor, grad: torch.Tensor, dim: int, gain:
     """
     n = raw.shape[dim]
     centred = raw - raw.mean(dim=dim, keepdim=True)
-    std = centred.std(dim=dim, keepdim=True)
+    std = _unbiased_std(centred, dim)
     g = grad * gain
     first = (g - g.mean(dim=dim, keepdim=True)) / (std + eps)
     coef = (g * centred).sum(dim=dim, keepdim=True) / ((n - 1) * std * (std + eps) ** 2)

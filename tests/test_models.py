@@ -203,3 +203,36 @@ def test_ddf_up_pack_dw_kernel_size():
         assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
         outs[dw] = y.detach()
     assert not torch.allclose(outs[3], outs[5])
+
+
+@pytest.mark.parametrize("name", ["ddf_mul_resnet18", "ddf_add_resnet50"])
+def test_channels_last_end_to_end(name):
+    """model.to(channels_last) with a channels_last input (train.py/validate.py --channels-last): every DDF module
+    and every layer returns channels_last, the weight gradients stay channels_last, and the result equals NCHW."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    cl = torch.channels_last
+    model.to(memory_format=cl)
+    not_cl = []
+
+    def hook(m, inputs, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1 \
+                and not out.is_contiguous(memory_format=cl):
+            not_cl.append(type(m).__name__)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    y = model(x.contiguous(memory_format=cl))
+    for h in handles:
+        h.remove()
+    assert not_cl == []
+    y.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-8, atol=1e-8, msg=n)
+        if p.dim() == 4 and p.shape[2] > 1:
+            assert p.grad.is_contiguous(memory_format=cl), n

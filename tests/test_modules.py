@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ddf.modules
 from ddf import DDFPack, DDFUpPack, FilterNorm, ddf_reference
 
 DT = torch.float64
@@ -65,6 +66,24 @@ def test_filter_norm_channel_learnable_scale():
     assert fn.std.grad is not None and fn.std.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape,dim", [((3, 4, 9), 2), ((2, 2, 25, 3, 4), 2)])
+def test_filter_norm_matches_torch_std_composition(dtype, tol, shape, dim):
+    """filter_norm writes the unbiased std out (speed); value and gradient equal the Tensor.std composition."""
+    from ddf.reference import filter_norm
+
+    x = (torch.randn(*shape, generator=_gen(5), dtype=torch.float64) * 2 + 0.3).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    centred = b - b.mean(dim=dim, keepdim=True)
+    want = centred / (centred.std(dim=dim, keepdim=True) + 1e-10)
+    got = filter_norm(a, dim=dim)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    g = torch.randn(*shape, generator=_gen(6), dtype=torch.float64).to(dtype)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+
+
 def test_filter_norm_channel_init_scale():
     # std is initialised as randn * gain / k: its empirical std is close to gain / k
     torch.manual_seed(0)
@@ -102,6 +121,36 @@ def test_ddfpack_matches_written_out(combine, stride, dilation, head):
     y = m(x)
     assert y.shape == (2, 8, (7 - 1) // stride + 1, (9 - 1) // stride + 1)
     torch.testing.assert_close(y, _expected_ddfpack(m, x), **TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_branch_fast_path_matches_branch(dtype, tol, channels_last):
+    """DDFPack runs its standard channel branch as linear ops (speed): value and gradients (input and every
+    parameter) equal running the nn.Sequential branch as built."""
+    torch.manual_seed(0)
+    m = DDFPack(16, 5).to(dtype)
+    x = torch.randn(3, 16, 6, 7, generator=_gen(7), dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = list(m.channel_branch.parameters())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast = m.channel_branch.channel_filter(xa, 5)
+    slow = m.channel_branch(xb).reshape(3, 16, 5, 5)
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+    g = torch.randn(3, 16, 5, 5, generator=_gen(8), dtype=torch.float64).to(dtype)
+    grads_fast = torch.autograd.grad(fast, [xa] + params, g)
+    grads_slow = torch.autograd.grad(slow, [xb] + params, g)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_channel_branch_other_layouts_run_as_built():
+    torch.manual_seed(0)
+    m = DDFPack(8, 3, normalization="sigmoid").double()
+    x = torch.randn(2, 8, 5, 5, generator=_gen(9), dtype=DT)
+    assert type(m.channel_branch) is ddf.modules.ChannelBranch
+    torch.testing.assert_close(m.channel_branch.channel_filter(x, 3), m.channel_branch(x).reshape(2, 8, 3, 3))
 
 
 def test_ddfpack_state_dict_keys_as_original():

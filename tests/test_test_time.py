@@ -75,6 +75,7 @@ def test_cli_smoke_cpu_every_row_and_column(tmp_path, capsys):
     # every (table, entry, size, mode) measured, all ok with positive finite numbers
     expected = {("A", e, f"1x8x{r}x{r}", m) for e in test_time.ENTRIES_A for r in (7, 9) for m in test_time.MODES}
     expected |= {("2", e, "1x8x10x12", m) for e in test_time.ENTRIES_2 for m in test_time.MODES}
+    expected |= {("F", e, f"1x8x{r}x{r}", m) for e in test_time.ENTRIES_F for r in (7, 9) for m in test_time.MODES}
     got = {(r["table"], r["entry"], r["shape"], r["mode"]) for r in records}
     assert got == expected and len(records) == len(expected)
     for r in records:
@@ -94,6 +95,7 @@ def test_cli_smoke_cpu_every_row_and_column(tmp_path, capsys):
     for mode in test_time.MODES:
         assert f"## Table A — {mode}, B=1, C=8" in printed
         assert f"## Table 2 — {mode}, input 1×8×10×12" in printed
+        assert f"## Table F — fused spatial FilterNorm, {mode}, B=1, C=8" in printed
     for header in ("| Resolution | Conv paper | Conv ours | DwConv paper | DwConv ours | DDF paper | DDF module ours "
                    "| DDF Op paper | DDF op ours |",
                    "| Resolution | DDF/Conv paper | ours | DDF/DwConv paper | ours | Op/Conv paper | ours "
@@ -102,6 +104,8 @@ def test_cli_smoke_cpu_every_row_and_column(tmp_path, capsys):
         assert printed.count(header) == 2
     for row in ("| 7×7 | 0.21 |", "| 9×9 | — |", "| PAC (our unfold baseline) | 46.40 |", "| DDF op (filters given) |"):
         assert row in printed
+    assert printed.count("| Resolution | DDF module fused | DDF module unfused | fused/unfused |") == 2
+    assert all(r["paper_ms"] is None for r in records if r["table"] == "F")
     assert "error" not in printed.lower()
     assert "Memory is **not measured** on CPU" in printed
     # files
@@ -184,3 +188,18 @@ def test_report_memory_columns_for_a_cuda_run(capsys):
     assert "| 3406.4 | 300.0 | 30.0 | 9.56 | 3.00 |" in report  # PAC row: paper and our memory ratio to Conv
     # a CUDA run whose DDF build has no CUDA kernels ran the reference: the report must say so
     assert "*reference* implementation" in report
+
+
+def test_unfused_entry_switches_the_fusion_off_only_inside_its_call(monkeypatch):
+    """Table F's unfused entry runs DDFPack with ddf.modules._FUSE_SPATIAL_NORM False and restores it."""
+    import ddf.modules
+
+    seen = []
+    real = ddf.modules.SpatialBranch.filter_and_gain
+    monkeypatch.setattr(ddf.modules.SpatialBranch, "filter_and_gain",
+                        lambda *a: (seen.append(ddf.modules._FUSE_SPATIAL_NORM), real(*a))[1])
+    for name, fused in (("ddf", True), ("ddf_unfused", False)):
+        seen.clear()
+        step, _ = test_time.make_entry(name, (1, 8, 7, 7), 3, torch.float32, torch.device("cpu"), False, "fwd+bwd")
+        step()
+        assert seen and all(v is fused for v in seen) and ddf.modules._FUSE_SPATIAL_NORM is True
