@@ -236,12 +236,253 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
 }
 
 // -------------------------------------------------------------------------------------------------------------
-// NCHW backward.
-//  pass 1, task per (b, c): grad_input plane (scatter into a plane-private buffer) and grad_channel[b, c, :].
-//  pass 2, task per (b, head, output row): grad_spatial[b, head*kk + j, y, :] summed over the head's channels.
+// Backward kernels. Both layouts compute the three gradients in ONE pass over grad_output and input: a task owns
+// a block of output rows [y0, y1) (its grad_spatial and a partial grad_channel) and the input rows [iy0, iy1) that
+// those rows start (its grad_input, gathered from output rows [ya, yb) = the block plus a halo of r*d/s rows).
+// Every output value is written by one task; grad_channel's per-block partial sums are reduced in block order, so
+// the result does not depend on the thread count. The spatial filter is normalised (FilterNorm, spatial_norm)
+// inside the task, and FilterNorm's backward is applied to the block's grad_spatial before it is written.
+
+#if defined(__GNUC__)
+#define DDF_INLINE inline __attribute__((always_inline))
+#else
+#define DDF_INLINE inline
+#endif
+#if defined(_OPENMP) || defined(__GNUC__)
+#define DDF_SIMD DDF_PRAGMA(omp simd)
+#else
+#define DDF_SIMD
+#endif
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+struct BwdRows {  // the rows of one backward task (see above)
+  int64_t y0, y1, iy0, iy1, ya, yb;
+};
+
+inline BwdRows bwd_rows(const GeoI& g, int64_t rb, int64_t R) {
+  BwdRows t;
+  t.y0 = rb * R;
+  t.y1 = std::min(g.Ho, t.y0 + R);
+  t.iy0 = t.y0 * g.s;
+  t.iy1 = std::min(g.H, t.y1 * g.s);  // the last block's y1 * s >= H
+  t.ya = std::max<int64_t>(0, -floor_div(-(t.iy0 - g.r * g.d), g.s));
+  t.yb = std::min(g.Ho, floor_div(t.iy1 - 1 + g.r * g.d, g.s) + 1);
+  return t;
+}
+
+// Output rows per backward task, from the geometry only (never the thread count): at most `cache_rows` (to keep
+// the per-task buffers near L2 size), about 32 tasks over `n_outer` (b or b*head) when the image allows, and at
+// least 4 rows so that the halo stays small.
+inline int64_t bwd_block_rows(const GeoI& g, int64_t cache_rows, int64_t n_outer) {
+  const int64_t want = std::max<int64_t>(1, (32 + n_outer - 1) / std::max<int64_t>(1, n_outer));
+  int64_t R = std::min(std::max<int64_t>(1, cache_rows), (g.Ho + want - 1) / want);
+  R = std::max<int64_t>(R, 4);
+  return std::max<int64_t>(1, std::min(R, g.Ho));
+}
+
+inline int64_t bwd_halo_rows(const GeoI& g, int64_t R) { return std::min(g.Ho, R + 2 * g.r * g.d / g.s + 2); }
+
+// `n` values of src in the accumulation type: src itself when it already is, else converted into buf.
+template <typename scalar_t>
+DDF_INLINE const at::opmath_type<scalar_t>* acc_view(const scalar_t* src, int64_t n,
+                                                     at::opmath_type<scalar_t>* DDF_RESTRICT buf) {
+  if constexpr (std::is_same<scalar_t, at::opmath_type<scalar_t>>::value) {
+    (void)n; (void)buf;
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<at::opmath_type<scalar_t>>(src[i]);
+    return buf;
+  }
+}
+
+// Start of the contiguous view of a tap's input (or grad_input) row: for stride 1 the row itself shifted by
+// `off`; for stride s the row is kept as s phases of Wp values (phase p holds columns p, p+s, ...), so that the
+// columns x*s + off of the output columns x are contiguous in phase (off mod s), shifted by floor(off / s).
+template <typename T>
+DDF_INLINE T* tap_view(T* base, int64_t off, int64_t s, int64_t Wp) {
+  if (s == 1) return base + off;
+  const int64_t ph = ((off % s) + s) % s;
+  return base + ph * Wp + (off - ph) / s;
+}
+
+// The spatial filter of one (b, head), `n` pixels from `src` (plane stride HoWo), as acc_t in buf[j * n + i];
+// with `norm` normalised per pixel, and the pixel's mean and unbiased std kept in mean[i], sd[i] (scale: n values).
+template <typename scalar_t>
+DDF_INLINE void bwd_load_planar(const scalar_t* src, int64_t HoWo, int64_t kk, int64_t n, bool norm,
+                                at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT buf,
+                                at::opmath_type<scalar_t>* DDF_RESTRICT mean, at::opmath_type<scalar_t>* DDF_RESTRICT sd,
+                                at::opmath_type<scalar_t>* DDF_RESTRICT scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < kk; ++j) {
+    const scalar_t* DDF_RESTRICT s = src + j * HoWo;
+    acc_t* DDF_RESTRICT d = buf + j * n;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(s[i]);
+  }
+  if (!norm) return;
+  std::fill(mean, mean + n, acc_t(0));
+  std::fill(sd, sd + n, acc_t(0));
+  for (int64_t j = 0; j < kk; ++j) {
+    DDF_SIMD for (int64_t i = 0; i < n; ++i) mean[i] += buf[j * n + i];
+  }
+  DDF_SIMD for (int64_t i = 0; i < n; ++i) mean[i] /= acc_t(kk);
+  for (int64_t j = 0; j < kk; ++j) {
+    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
+      const acc_t c = buf[j * n + i] - mean[i];
+      sd[i] += c * c;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    sd[i] = std::sqrt(sd[i] / acc_t(kk - 1));
+    scale[i] = gain / (sd[i] + acc_t(kFilterNormEps));
+  }
+  for (int64_t j = 0; j < kk; ++j) {
+    acc_t* DDF_RESTRICT d = buf + j * n;
+    DDF_SIMD for (int64_t i = 0; i < n; ++i) d[i] = (d[i] - mean[i]) * scale[i];
+  }
+}
+
+// grad_spatial of `n` pixels (acc in G[j * n + i]) written to dst (plane stride HoWo); with `norm`, mapped to the
+// raw taps first (FilterNorm backward, see ddf/reference.py:_filter_norm_backward): with c = raw - mean,
+// a = sd + eps, g = gain * G:  d raw_j = (g_j - mean(g)) / a - c_j * sum(g c) / ((kk-1) sd a^2)  (0 where sd = 0).
+template <typename scalar_t>
+DDF_INLINE void bwd_store_planar(const at::opmath_type<scalar_t>* DDF_RESTRICT G, const scalar_t* raw,
+                                 const at::opmath_type<scalar_t>* DDF_RESTRICT mean,
+                                 const at::opmath_type<scalar_t>* DDF_RESTRICT sd, int64_t HoWo, int64_t kk, int64_t n,
+                                 bool norm, at::opmath_type<scalar_t> gain, scalar_t* dst,
+                                 at::opmath_type<scalar_t>* DDF_RESTRICT sg, at::opmath_type<scalar_t>* DDF_RESTRICT sgc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!norm) {
+    for (int64_t j = 0; j < kk; ++j) {
+      scalar_t* DDF_RESTRICT d = dst + j * HoWo;
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(G[j * n + i]);
+    }
+    return;
+  }
+  std::fill(sg, sg + n, acc_t(0));
+  std::fill(sgc, sgc + n, acc_t(0));
+  for (int64_t j = 0; j < kk; ++j) {
+    const scalar_t* DDF_RESTRICT rj = raw + j * HoWo;
+    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
+      const acc_t gv = gain * G[j * n + i];
+      sg[i] += gv;
+      sgc[i] += gv * (static_cast<acc_t>(rj[i]) - mean[i]);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {  // sg <- mean(g), sgc <- coef; the 1/a factor goes into both
+    const acc_t a = sd[i] + acc_t(kFilterNormEps);
+    sgc[i] = sd[i] > acc_t(0) ? sgc[i] / (acc_t(kk - 1) * sd[i] * a * a) : acc_t(0);
+    sg[i] = sg[i] / acc_t(kk);
+  }
+  for (int64_t j = 0; j < kk; ++j) {
+    const scalar_t* DDF_RESTRICT rj = raw + j * HoWo;
+    scalar_t* DDF_RESTRICT d = dst + j * HoWo;
+    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
+      const acc_t a = sd[i] + acc_t(kFilterNormEps);
+      d[i] = static_cast<scalar_t>((gain * G[j * n + i] - sg[i]) / a - (static_cast<acc_t>(rj[i]) - mean[i]) * sgc[i]);
+    }
+  }
+}
+
+// Per-thread scratch of the NCHW backward (sizes for the largest block).
+template <typename acc_t>
+struct NchwBwdScratch {
+  std::vector<acc_t> spn, gacc, stat, row, go_buf, in_buf;
+  NchwBwdScratch(const GeoI& g, int64_t R, int64_t Wp)
+      : spn(g.kk * bwd_halo_rows(g, R) * g.Wo), gacc(g.kk * R * g.Wo), stat(4 * bwd_halo_rows(g, R) * g.Wo),
+        row(g.s * Wp), go_buf(g.Wo), in_buf(g.s * Wp) {}
+};
+
+// grad_spatial (accumulated into gacc[j * nR + (y - y0) * Wo + x]) and grad_channel (gcv[j]) of one channel over
+// the block's output rows. Loop order: row > jy (input row, converted or split into phases once) > jx > x.
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nchw_filter_grads(const scalar_t* in, const scalar_t* go, const GeoI& g, const BwdRows& t, int64_t Wp,
+                                  const at::opmath_type<scalar_t>* chv, const at::opmath_type<scalar_t>* spn,
+                                  at::opmath_type<scalar_t>* gacc, at::opmath_type<scalar_t>* gcv,
+                                  NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_sp = (t.yb - t.ya) * g.Wo, nR = (t.y1 - t.y0) * g.Wo;
+  for (int64_t y = t.y0; y < t.y1; ++y) {
+    const acc_t* DDF_RESTRICT go_row = acc_view(go + y * g.Wo, g.Wo, ws.go_buf.data());
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) continue;
+      const acc_t* base;
+      if (g.s == 1) {
+        base = acc_view(in + iy * g.W, g.W, ws.in_buf.data());
+      } else {
+        const scalar_t* DDF_RESTRICT src = in + iy * g.W;
+        acc_t* DDF_RESTRICT dst = ws.in_buf.data();
+        for (int64_t p = 0; p < g.s; ++p)
+          for (int64_t m = 0; p + m * g.s < g.W; ++m) dst[p * Wp + m] = static_cast<acc_t>(src[p + m * g.s]);
+        base = dst;
+      }
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t j = jy * g.k + jx, off = (jx - g.r) * g.d;
+        int64_t x0, x1;
+        valid_range(off, g.s, g.W, g.Wo, x0, x1);
+        const acc_t* DDF_RESTRICT src = tap_view(base, off, g.s, Wp);
+        const acc_t* DDF_RESTRICT spr = spn + j * n_sp + (y - t.ya) * g.Wo;
+        acc_t* DDF_RESTRICT acc = gacc + j * nR + (y - t.y0) * g.Wo;
+        const acc_t cj = chv[j];
+        acc_t sum = 0;
+        DDF_SIMD_SUM(sum)
+        for (int64_t x = x0; x < x1; ++x) {
+          const acc_t v = go_row[x] * src[x];
+          acc[x] += MUL ? v * cj : v;
+          sum += MUL ? v * spr[x] : v;
+        }
+        gcv[j] += sum;
+      }
+    }
+  }
+}
+
+// grad_input of one channel over the block's input rows, gathered from the output rows that read each row.
+// Loop order: input row > jy (output row) > jx > x; the row is accumulated in a buffer (s phases for stride s,
+// so that every tap's update is a contiguous vectorised loop) and written once.
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nchw_input_grads(const scalar_t* go, const GeoI& g, const BwdRows& t, int64_t Wp,
+                                 const at::opmath_type<scalar_t>* chv, const at::opmath_type<scalar_t>* spn,
+                                 scalar_t* gi, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_sp = (t.yb - t.ya) * g.Wo;
+  acc_t* DDF_RESTRICT row = ws.row.data();
+  for (int64_t iy = t.iy0; iy < t.iy1; ++iy) {
+    std::fill(ws.row.begin(), ws.row.end(), acc_t(0));
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t ty = iy - (jy - g.r) * g.d;
+      if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
+      const int64_t y = ty / g.s;
+      const acc_t* DDF_RESTRICT go_row = acc_view(go + y * g.Wo, g.Wo, ws.go_buf.data());
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t j = jy * g.k + jx, off = (jx - g.r) * g.d;
+        int64_t x0, x1;
+        valid_range(off, g.s, g.W, g.Wo, x0, x1);
+        const acc_t* DDF_RESTRICT spr = spn + j * n_sp + (y - t.ya) * g.Wo;
+        acc_t* DDF_RESTRICT dst = tap_view(row, off, g.s, Wp);
+        const acc_t cj = chv[j];
+        DDF_SIMD for (int64_t x = x0; x < x1; ++x) dst[x] += go_row[x] * (MUL ? spr[x] * cj : spr[x] + cj);
+      }
+    }
+    scalar_t* DDF_RESTRICT out = gi + iy * g.W;
+    if (g.s == 1) {
+      for (int64_t ix = 0; ix < g.W; ++ix) out[ix] = static_cast<scalar_t>(row[ix]);
+    } else {
+      for (int64_t p = 0; p < g.s; ++p)
+        for (int64_t m = 0; p + m * g.s < g.W; ++m) out[p + m * g.s] = static_cast<scalar_t>(row[p * Wp + m]);
+    }
+  }
+}
+
+// NCHW backward: one task per (b, head, block of R output rows) (see the section comment).
+// Loop order: channel of the head (outer) > row > tap > x (inner, vectorised). Channel-outer streams each channel's
+// rows of grad_output / input / grad_input from memory once (plus the halo rows of grad_output at block edges),
+// while the block's spatial filter (normalised with `norm`) and its grad_spatial accumulator stay in cache for all
+// the head's channels; grad_spatial is written once per block.
 template <typename scalar_t, bool MUL>
 void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& gin,
-                   Tensor& gch, Tensor& gsp, const GeoI g) {
+                   Tensor& gch, Tensor& gsp, const GeoI g, bool norm, double gain) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* go_data = gout.const_data_ptr<scalar_t>();
   const scalar_t* in_data = input.const_data_ptr<scalar_t>();
@@ -250,222 +491,250 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   scalar_t* gin_data = gin.mutable_data_ptr<scalar_t>();
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
   scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
-  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
-
-  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> plane(HW);
+  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo, Wp = (g.W + g.s - 1) / g.s;
+  const int64_t R = bwd_block_rows(g, 12288 / std::max<int64_t>(1, g.kk * g.Wo), g.B * g.head);
+  const int64_t n_rb = (g.Ho + R - 1) / R;
+  std::vector<acc_t> partial(g.B * g.C * n_rb * g.kk);
+  const acc_t gn = static_cast<acc_t>(gain);
+  at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
+    NchwBwdScratch<acc_t> ws(g, R, Wp);
     std::vector<acc_t> chv(g.kk), gcv(g.kk);
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C, h = c / g.Cg;
-      const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
-      const scalar_t* DDF_RESTRICT go = go_data + bc * HoWo;
-      const scalar_t* spb = sp_data + (b * g.head + h) * g.kk * HoWo;
-      for (int64_t j = 0; j < g.kk; ++j) {
-        chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
-        gcv[j] = acc_t(0);
-      }
-      std::fill(plane.begin(), plane.end(), acc_t(0));
-      acc_t* DDF_RESTRICT gp = plane.data();
-      for (int64_t y = 0; y < g.Ho; ++y) {
-        const scalar_t* DDF_RESTRICT go_row = go + y * g.Wo;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          if (iy < 0 || iy >= g.H) continue;
-          const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
-          acc_t* DDF_RESTRICT gp_row = gp + iy * g.W;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t j = jy * g.k + jx;
-            const int64_t off = (jx - g.r) * g.d;
-            int64_t x0, x1;
-            valid_range(off, g.s, g.W, g.Wo, x0, x1);
-            const scalar_t* DDF_RESTRICT sp_row = spb + j * HoWo + y * g.Wo;
-            const acc_t cj = chv[j];
-            acc_t sum = 0;
-            if (g.s == 1) {
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t sv = static_cast<acc_t>(sp_row[x]);
-                const acc_t gv = static_cast<acc_t>(go_row[x]);
-                gp_row[x + off] += gv * (MUL ? sv * cj : sv + cj);
-              }
-            } else {
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t sv = static_cast<acc_t>(sp_row[x]);
-                const acc_t gv = static_cast<acc_t>(go_row[x]);
-                gp_row[x * g.s + off] += gv * (MUL ? sv * cj : sv + cj);
-              }
-            }
-            if (g.s == 1) {
-              const scalar_t* DDF_RESTRICT src = in_row + off;
-              DDF_SIMD_SUM(sum)
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(src[x]);
-                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
-              }
-            } else {
-              DDF_SIMD_SUM(sum)
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]);
-                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
-              }
-            }
-            gcv[j] += sum;
-          }
-        }
-      }
-      scalar_t* DDF_RESTRICT gi = gin_data + bc * HW;
-      for (int64_t i = 0; i < HW; ++i) gi[i] = static_cast<scalar_t>(gp[i]);
-      for (int64_t j = 0; j < g.kk; ++j) gch_data[bc * g.kk + j] = static_cast<scalar_t>(gcv[j]);
-    }
-  });
-
-  at::parallel_for(0, g.B * g.head * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> buf(g.kk * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t y = task % g.Ho, bh = task / g.Ho, b = bh / g.head, h = bh % g.head;
-      std::fill(buf.begin(), buf.end(), acc_t(0));
-      for (int64_t cg = 0; cg < g.Cg; ++cg) {
-        const int64_t bc = b * g.C + h * g.Cg + cg;
-        const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
-        const scalar_t* DDF_RESTRICT go_row = go_data + bc * HoWo + y * g.Wo;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          if (iy < 0 || iy >= g.H) continue;
-          const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t j = jy * g.k + jx;
-            const int64_t off = (jx - g.r) * g.d;
-            int64_t x0, x1;
-            valid_range(off, g.s, g.W, g.Wo, x0, x1);
-            acc_t* DDF_RESTRICT bj = buf.data() + j * g.Wo;
-            const acc_t cj = MUL ? static_cast<acc_t>(ch_data[bc * g.kk + j]) : acc_t(1);
-            if (g.s == 1) {
-              const scalar_t* DDF_RESTRICT src = in_row + off;
-              for (int64_t x = x0; x < x1; ++x)
-                bj[x] += static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(src[x]) * cj;
-            } else {
-              for (int64_t x = x0; x < x1; ++x)
-                bj[x] += static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]) * cj;
-            }
-          }
+      const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
+      const BwdRows t = bwd_rows(g, rb, R);
+      const int64_t n_sp = (t.yb - t.ya) * g.Wo, nR = (t.y1 - t.y0) * g.Wo, n_st = bwd_halo_rows(g, R) * g.Wo;
+      const scalar_t* spb = sp_data + bh * g.kk * HoWo;
+      acc_t* st = ws.stat.data();
+      bwd_load_planar<scalar_t>(spb + t.ya * g.Wo, HoWo, g.kk, n_sp, norm, gn, ws.spn.data(), st, st + n_st,
+                                st + 2 * n_st);
+      std::fill(ws.gacc.begin(), ws.gacc.end(), acc_t(0));
+      for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
+        const int64_t bc = b * g.C + c;
+        for (int64_t j = 0; j < g.kk; ++j) {
+          chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
+          gcv[j] = acc_t(0);
         }
+        nchw_filter_grads<scalar_t, MUL>(in_data + bc * HW, go_data + bc * HoWo, g, t, Wp, chv.data(),
+                                         ws.spn.data(), ws.gacc.data(), gcv.data(), ws);
+        nchw_input_grads<scalar_t, MUL>(go_data + bc * HoWo, g, t, Wp, chv.data(), ws.spn.data(),
+                                        gin_data + bc * HW, ws);
+        for (int64_t j = 0; j < g.kk; ++j) partial[(bc * n_rb + rb) * g.kk + j] = gcv[j];
       }
-      for (int64_t j = 0; j < g.kk; ++j) {
-        scalar_t* DDF_RESTRICT dst = gsp_data + ((b * g.head + h) * g.kk + j) * HoWo + y * g.Wo;
-        const acc_t* DDF_RESTRICT src = buf.data() + j * g.Wo;
-        for (int64_t x = 0; x < g.Wo; ++x) dst[x] = static_cast<scalar_t>(src[x]);
-      }
+      const int64_t so = (t.y0 - t.ya) * g.Wo;  // block rows inside the halo-extended stats
+      bwd_store_planar<scalar_t>(ws.gacc.data(), spb + t.y0 * g.Wo, st + so, st + n_st + so, HoWo, g.kk, nR, norm,
+                                 gn, gsp_data + bh * g.kk * HoWo + t.y0 * g.Wo, st + 2 * n_st, st + 3 * n_st);
     }
   });
+  for (int64_t bc = 0; bc < g.B * g.C; ++bc)
+    for (int64_t j = 0; j < g.kk; ++j) {
+      acc_t sum = 0;
+      for (int64_t rb = 0; rb < n_rb; ++rb) sum += partial[(bc * n_rb + rb) * g.kk + j];
+      gch_data[bc * g.kk + j] = static_cast<scalar_t>(sum);
+    }
 }
 
-// NHWC backward.
-//  pass 1, task per (b, output row): grad_spatial (sum over a head's channels, owned by the pixel) and per-row
-//          partial sums of grad_channel, reduced afterwards per (b, c).
-//  pass 2, task per (b, input row): grad_input gathered from the output pixels that read it.
+// The head*kk taps of one pixel (filter channel stride ssC) as acc_t in v[t]; with `norm` normalised per head,
+// with the head's mean and unbiased std kept in stat[2 * h], stat[2 * h + 1].
+template <typename scalar_t>
+DDF_INLINE void bwd_load_pixel(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm,
+                               at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT v,
+                               at::opmath_type<scalar_t>* DDF_RESTRICT stat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = 0; t < g.head * g.kk; ++t) v[t] = static_cast<acc_t>(spp[t * ssC]);
+  if (!norm) return;
+  for (int64_t h = 0; h < g.head; ++h) {
+    acc_t* DDF_RESTRICT u = v + h * g.kk;
+    acc_t mean = 0, var = 0;
+    for (int64_t j = 0; j < g.kk; ++j) mean += u[j];
+    mean /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j) var += (u[j] - mean) * (u[j] - mean);
+    const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
+    const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
+    for (int64_t j = 0; j < g.kk; ++j) u[j] = (u[j] - mean) * scale;
+    stat[2 * h] = mean;
+    stat[2 * h + 1] = sd;
+  }
+}
+
+// grad_spatial of one pixel (G[t], t = h * kk + j) written through stride tsC; with `norm` mapped to the raw taps
+// (FilterNorm backward, as bwd_store_planar).
+template <typename scalar_t>
+DDF_INLINE void bwd_store_pixel(const at::opmath_type<scalar_t>* DDF_RESTRICT G, const scalar_t* raw, int64_t ssC,
+                                const at::opmath_type<scalar_t>* DDF_RESTRICT stat, const GeoI& g, bool norm,
+                                at::opmath_type<scalar_t> gain, scalar_t* dst, int64_t tsC) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!norm) {
+    for (int64_t t = 0; t < g.head * g.kk; ++t) dst[t * tsC] = static_cast<scalar_t>(G[t]);
+    return;
+  }
+  for (int64_t h = 0; h < g.head; ++h) {
+    const int64_t t0 = h * g.kk;
+    const acc_t mean = stat[2 * h], sd = stat[2 * h + 1], a = sd + acc_t(kFilterNormEps);
+    acc_t sg = 0, sgc = 0;
+    for (int64_t j = 0; j < g.kk; ++j) {
+      sg += gain * G[t0 + j];
+      sgc += gain * G[t0 + j] * (static_cast<acc_t>(raw[(t0 + j) * ssC]) - mean);
+    }
+    const acc_t coef = sd > acc_t(0) ? sgc / (acc_t(g.kk - 1) * sd * a * a) : acc_t(0);
+    sg /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j)
+      dst[(t0 + j) * tsC] = static_cast<scalar_t>((gain * G[t0 + j] - sg) / a -
+                                                  (static_cast<acc_t>(raw[(t0 + j) * ssC]) - mean) * coef);
+  }
+}
+
+// Strides and pointers of the NHWC backward (channel stride 1 for input, grad_output and grad_input).
+template <typename scalar_t>
+struct NhwcBwdArgs {
+  const scalar_t *go, *in, *sp;
+  scalar_t *gin, *gsp;
+  int64_t isB, isH, isW, gsB, gsH, gsW, ssB, ssC, ssH, ssW, tsB, tsC, tsH, tsW, nsB, nsH, nsW;
+};
+
+template <typename scalar_t>
+NhwcBwdArgs<scalar_t> nhwc_bwd_args(const Tensor& gout, const Tensor& input, const Tensor& sp, Tensor& gin,
+                                    Tensor& gsp) {
+  NhwcBwdArgs<scalar_t> a;
+  a.go = gout.const_data_ptr<scalar_t>(); a.in = input.const_data_ptr<scalar_t>();
+  a.sp = sp.const_data_ptr<scalar_t>(); a.gin = gin.mutable_data_ptr<scalar_t>();
+  a.gsp = gsp.mutable_data_ptr<scalar_t>();
+  a.isB = input.stride(0); a.isH = input.stride(2); a.isW = input.stride(3);
+  a.gsB = gout.stride(0); a.gsH = gout.stride(2); a.gsW = gout.stride(3);
+  a.ssB = sp.stride(0); a.ssC = sp.stride(1); a.ssH = sp.stride(2); a.ssW = sp.stride(3);
+  a.tsB = gsp.stride(0); a.tsC = gsp.stride(1); a.tsH = gsp.stride(2); a.tsW = gsp.stride(3);
+  a.nsB = gin.stride(0); a.nsH = gin.stride(2); a.nsW = gin.stride(3);
+  return a;
+}
+
+// Per-thread scratch of the NHWC backward.
+template <typename acc_t>
+struct NhwcBwdScratch {
+  std::vector<acc_t> spn, stat, G, acc, go_buf, in_buf;
+  NhwcBwdScratch(const GeoI& g, int64_t R)
+      : spn(bwd_halo_rows(g, R) * g.Wo * g.head * g.kk), stat(bwd_halo_rows(g, R) * g.Wo * g.head * 2),
+        G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C) {}
+};
+
+// grad_spatial of output row y (written) and its grad_channel contributions (part[j * C + c]).
+// Loop order: x > tap > head > channel (inner, vectorised; the head's channel sum is grad_spatial of the tap).
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nhwc_filter_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
+                                      int64_t y, const at::opmath_type<scalar_t>* chb, bool norm,
+                                      at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* part,
+                                      NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t hkk = g.head * g.kk;
+  acc_t* DDF_RESTRICT G = ws.G.data();
+  for (int64_t x = 0; x < g.Wo; ++x) {
+    const int64_t pix = (y - t.ya) * g.Wo + x;
+    const acc_t* DDF_RESTRICT taps = ws.spn.data() + pix * hkk;
+    const acc_t* DDF_RESTRICT gp = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_buf.data());
+    std::fill(G, G + hkk, acc_t(0));
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) continue;
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t ix = x * g.s + (jx - g.r) * g.d, j = jy * g.k + jx;
+        if (ix < 0 || ix >= g.W) continue;
+        const acc_t* DDF_RESTRICT px = acc_view(A.in + b * A.isB + iy * A.isH + ix * A.isW, g.C, ws.in_buf.data());
+        const acc_t* DDF_RESTRICT cj = chb + j * g.C;
+        acc_t* DDF_RESTRICT pj = part + j * g.C;
+        for (int64_t h = 0; h < g.head; ++h) {
+          const acc_t sv = taps[h * g.kk + j];
+          acc_t sum = 0;
+          DDF_SIMD_SUM(sum)
+          for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
+            const acc_t v = gp[c] * px[c];
+            sum += MUL ? v * cj[c] : v;
+            pj[c] += MUL ? v * sv : v;
+          }
+          G[h * g.kk + j] = sum;
+        }
+      }
+    }
+    bwd_store_pixel<scalar_t>(G, A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, ws.stat.data() + pix * g.head * 2,
+                              g, norm, gain, A.gsp + b * A.tsB + y * A.tsH + x * A.tsW, A.tsC);
+  }
+}
+
+// grad_input of input row iy, gathered per pixel from the output pixels that read it.
+// Loop order: ix > tap > head > channel (inner, vectorised), accumulated in a C-long buffer and written once.
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
+                                     int64_t iy, const at::opmath_type<scalar_t>* chb,
+                                     NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t hkk = g.head * g.kk;
+  acc_t* DDF_RESTRICT acc = ws.acc.data();
+  for (int64_t ix = 0; ix < g.W; ++ix) {
+    std::fill(acc, acc + g.C, acc_t(0));
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t ty = iy - (jy - g.r) * g.d;
+      if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
+      const int64_t y = ty / g.s;
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t tx = ix - (jx - g.r) * g.d, j = jy * g.k + jx;
+        if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.Wo) continue;
+        const int64_t x = tx / g.s;
+        const acc_t* DDF_RESTRICT gp = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_buf.data());
+        const acc_t* DDF_RESTRICT taps = ws.spn.data() + ((y - t.ya) * g.Wo + x) * hkk;
+        const acc_t* DDF_RESTRICT cj = chb + j * g.C;
+        for (int64_t h = 0; h < g.head; ++h) {
+          const acc_t sv = taps[h * g.kk + j];
+          DDF_SIMD for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) acc[c] += gp[c] * (MUL ? sv * cj[c] : sv + cj[c]);
+        }
+      }
+    }
+    scalar_t* DDF_RESTRICT dst = A.gin + b * A.nsB + iy * A.nsH + ix * A.nsW;
+    for (int64_t c = 0; c < g.C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+  }
+}
+
+// NHWC backward: one task per (b, block of R output rows) (see the section comment).
+// Loop order: output row y > [grad_spatial + grad_channel of row y, then grad_input of input rows y*s .. y*s+s-1]
+// > pixel > tap > head > channel (inner, vectorised: channels are contiguous). Interleaving the two parts row by
+// row keeps the few rows of grad_output / input that both read in cache; the block's taps are loaded (and
+// normalised) once, with the halo rows that grad_input needs.
 template <typename scalar_t, bool MUL>
 void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& gin,
-                   Tensor& gch, Tensor& gsp, const GeoI g) {
+                   Tensor& gch, Tensor& gsp, const GeoI g, bool norm, double gain) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* go_data = gout.const_data_ptr<scalar_t>();
-  const scalar_t* in_data = input.const_data_ptr<scalar_t>();
-  const scalar_t* sp_data = sp.const_data_ptr<scalar_t>();
-  scalar_t* gin_data = gin.mutable_data_ptr<scalar_t>();
+  const NhwcBwdArgs<scalar_t> A = nhwc_bwd_args<scalar_t>(gout, input, sp, gin, gsp);
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
-  scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
   const auto chT = transpose_channel_filter<scalar_t>(ch, g);
-  const int64_t isB = input.stride(0), isH = input.stride(2), isW = input.stride(3);
-  const int64_t gsB = gout.stride(0), gsH = gout.stride(2), gsW = gout.stride(3);
-  const int64_t ssB = sp.stride(0), ssC = sp.stride(1), ssH = sp.stride(2), ssW = sp.stride(3);
-  const int64_t tsB = gsp.stride(0), tsC = gsp.stride(1), tsH = gsp.stride(2), tsW = gsp.stride(3);
-  const int64_t nsB = gin.stride(0), nsH = gin.stride(2), nsW = gin.stride(3);
-  const int64_t kkC = g.kk * g.C;
-  std::vector<acc_t> partial(g.B * g.Ho * kkC);
-
-  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    for (int64_t by = begin; by < end; ++by) {
-      const int64_t b = by / g.Ho, y = by % g.Ho;
-      const acc_t* chb = chT.data() + b * kkC;
-      acc_t* DDF_RESTRICT part = partial.data() + by * kkC;
-      std::fill(part, part + kkC, acc_t(0));
-      for (int64_t x = 0; x < g.Wo; ++x) {
-        const scalar_t* spp = sp_data + b * ssB + y * ssH + x * ssW;
-        scalar_t* tp = gsp_data + b * tsB + y * tsH + x * tsW;
-        const scalar_t* DDF_RESTRICT gp = go_data + b * gsB + y * gsH + x * gsW;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t ix = x * g.s + (jx - g.r) * g.d;
-            const int64_t j = jy * g.k + jx;
-            if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) {
-              for (int64_t h = 0; h < g.head; ++h) tp[(h * g.kk + j) * tsC] = scalar_t(0);
-              continue;
-            }
-            const scalar_t* DDF_RESTRICT px = in_data + b * isB + iy * isH + ix * isW;
-            const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-            acc_t* DDF_RESTRICT pj = part + j * g.C;
-            for (int64_t h = 0; h < g.head; ++h) {
-              const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
-              const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
-              acc_t sum = 0;
-              DDF_SIMD_SUM(sum)
-              for (int64_t c = c0; c < c1; ++c) {
-                const acc_t gi = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(px[c]);
-                sum += MUL ? gi * cj[c] : gi;
-                pj[c] += MUL ? gi * sv : gi;
-              }
-              tp[(h * g.kk + j) * tsC] = static_cast<scalar_t>(sum);
-            }
-          }
+  const int64_t kkC = g.kk * g.C, hkk = g.head * g.kk;
+  const int64_t R = bwd_block_rows(g, g.Ho, g.B);
+  const int64_t n_rb = (g.Ho + R - 1) / R;
+  std::vector<acc_t> partial(g.B * n_rb * kkC);
+  const acc_t gn = static_cast<acc_t>(gain);
+  at::parallel_for(0, g.B * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
+    NhwcBwdScratch<acc_t> ws(g, R);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_rb, rb = task % n_rb;
+      const BwdRows t = bwd_rows(g, rb, R);
+      for (int64_t y = t.ya; y < t.yb; ++y)
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          const int64_t pix = (y - t.ya) * g.Wo + x;
+          bwd_load_pixel<scalar_t>(A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, g, norm, gn,
+                                   ws.spn.data() + pix * hkk, ws.stat.data() + pix * g.head * 2);
         }
+      acc_t* part = partial.data() + task * kkC;
+      std::fill(part, part + kkC, acc_t(0));
+      const acc_t* chb = chT.data() + b * kkC;
+      for (int64_t y = t.y0; y < t.y1; ++y) {
+        nhwc_filter_grads_row<scalar_t, MUL>(A, g, t, b, y, chb, norm, gn, part, ws);
+        for (int64_t iy = y * g.s; iy < std::min(g.H, (y + 1) * g.s); ++iy)
+          nhwc_input_grads_row<scalar_t, MUL>(A, g, t, b, iy, chb, ws);
       }
     }
   });
-
-  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C;
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t c = 0; c < g.C; ++c)
       for (int64_t j = 0; j < g.kk; ++j) {
         acc_t sum = 0;
-        for (int64_t y = 0; y < g.Ho; ++y) sum += partial[(b * g.Ho + y) * kkC + j * g.C + c];
-        gch_data[bc * g.kk + j] = static_cast<scalar_t>(sum);
+        for (int64_t rb = 0; rb < n_rb; ++rb) sum += partial[(b * n_rb + rb) * kkC + j * g.C + c];
+        gch_data[(b * g.C + c) * g.kk + j] = static_cast<scalar_t>(sum);
       }
-    }
-  });
-
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> accv(g.C);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t b = bi / g.H, iy = bi % g.H;
-      const acc_t* chb = chT.data() + b * kkC;
-      for (int64_t ix = 0; ix < g.W; ++ix) {
-        acc_t* DDF_RESTRICT acc = accv.data();
-        std::fill(accv.begin(), accv.end(), acc_t(0));
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t ty = iy - (jy - g.r) * g.d;
-          if (ty < 0 || ty % g.s != 0) continue;
-          const int64_t y = ty / g.s;
-          if (y >= g.Ho) continue;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t tx = ix - (jx - g.r) * g.d;
-            if (tx < 0 || tx % g.s != 0) continue;
-            const int64_t x = tx / g.s;
-            if (x >= g.Wo) continue;
-            const int64_t j = jy * g.k + jx;
-            const scalar_t* DDF_RESTRICT gp = go_data + b * gsB + y * gsH + x * gsW;
-            const scalar_t* spp = sp_data + b * ssB + y * ssH + x * ssW;
-            const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-            for (int64_t h = 0; h < g.head; ++h) {
-              const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
-              const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
-              for (int64_t c = c0; c < c1; ++c) acc[c] += static_cast<acc_t>(gp[c]) * (MUL ? sv * cj[c] : sv + cj[c]);
-            }
-          }
-        }
-        scalar_t* DDF_RESTRICT dst = gin_data + b * nsB + iy * nsH + ix * nsW;
-        for (int64_t c = 0; c < g.C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
-      }
-    }
-  });
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -497,14 +766,15 @@ Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ddf_backward_unfused(const Tensor& grad_output, const Tensor& input_,
+// Backward entry point; with spatial_norm the gradient w.r.t. the spatial filter is w.r.t. its raw taps
+// (FilterNorm and its backward run inside the kernels). NCHW tensors go to backward_nchw (other strided views are
+// compacted first), channels_last inputs to backward_nhwc (filters read through their strides).
+std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input_,
                                                     const Tensor& channel_filter, const Tensor& spatial_filter,
                                                     int64_t kernel_size, int64_t dilation, int64_t stride,
                                                     int64_t head, int64_t combine, bool spatial_norm,
                                                     double spatial_gain) {
-  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, false);
-  (void)spatial_norm;
-  (void)spatial_gain;
+  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
   check_grad_output(grad_output, input_, stride);
   TORCH_CHECK(input_.device().is_cpu(), "ddf_backward_cpu: input must be a CPU tensor");
   const bool cl = use_channels_last(input_);
@@ -516,71 +786,27 @@ std::tuple<Tensor, Tensor, Tensor> ddf_backward_unfused(const Tensor& grad_outpu
     gin.zero_(); gch.zero_(); gsp.zero_();
     return {gin, gch, gsp};
   }
+  const bool norm = spatial_norm;
+  const double gain = spatial_gain;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_.scalar_type(), "ddf_backward_cpu", [&] {
     if (cl) {
       const Tensor gout = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
       if (combine == kCombineMul)
-        backward_nhwc<scalar_t, true>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g);
+        backward_nhwc<scalar_t, true>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g, norm, gain);
       else
-        backward_nhwc<scalar_t, false>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g);
+        backward_nhwc<scalar_t, false>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g, norm, gain);
     } else {
       const Tensor gout = grad_output.contiguous();
       const Tensor input = input_.contiguous();
       const Tensor ch = channel_filter.contiguous();
       const Tensor sp = spatial_filter.contiguous();
       Tensor gsp_c = gsp.is_contiguous() ? gsp : at::empty(spatial_filter.sizes(), spatial_filter.options());
-      if (combine == kCombineMul) backward_nchw<scalar_t, true>(gout, input, ch, sp, gin, gch, gsp_c, g);
-      else backward_nchw<scalar_t, false>(gout, input, ch, sp, gin, gch, gsp_c, g);
+      if (combine == kCombineMul) backward_nchw<scalar_t, true>(gout, input, ch, sp, gin, gch, gsp_c, g, norm, gain);
+      else backward_nchw<scalar_t, false>(gout, input, ch, sp, gin, gch, gsp_c, g, norm, gain);
       if (!gsp_c.is_same(gsp)) gsp.copy_(gsp_c);
     }
   });
   return {gin, gch, gsp};
-}
-
-// FilterNorm of a spatial filter (B, head*kk, Ho, Wo) in its dtype, and the gradient w.r.t. its raw taps.
-Tensor spatial_filter_norm(const Tensor& raw, int64_t head, int64_t kk, double gain) {
-  const auto v = raw.reshape({raw.size(0), head, kk, raw.size(2), raw.size(3)});
-  const auto centred = v - v.mean({2}, true);
-  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
-  return (centred / (sd + kFilterNormEps) * gain).reshape(raw.sizes());
-}
-
-Tensor spatial_filter_norm_backward(const Tensor& raw, const Tensor& grad, int64_t head, int64_t kk, double gain) {
-  const std::vector<int64_t> shape5{raw.size(0), head, kk, raw.size(2), raw.size(3)};
-  const auto v = raw.reshape(shape5);
-  const auto g = grad.reshape(shape5) * gain;
-  const auto centred = v - v.mean({2}, true);
-  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
-  const auto first = (g - g.mean({2}, true)) / (sd + kFilterNormEps);
-  const auto denom = sd * (sd + kFilterNormEps) * (sd + kFilterNormEps) * double(kk - 1);
-  const auto coef = at::where(sd > 0, (g * centred).sum({2}, true) / at::where(sd > 0, denom, at::ones_like(denom)),
-                              at::zeros_like(denom));
-  return (first - centred * coef).reshape(raw.sizes());
-}
-
-// Backward with the fused FilterNorm: the normalised filter of the whole batch is materialised (in float32 for
-// half types, so the result is as accurate as the reference), the unfused backward runs on it, and FilterNorm's
-// backward maps grad_spatial to the raw taps.
-std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                    const Tensor& channel_filter, const Tensor& spatial_filter,
-                                                    int64_t kernel_size, int64_t dilation, int64_t stride,
-                                                    int64_t head, int64_t combine, bool spatial_norm,
-                                                    double spatial_gain) {
-  check_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
-  if (!spatial_norm || input.numel() == 0 || grad_output.numel() == 0)
-    return ddf_backward_unfused(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                head, combine, false, 1.0);
-  check_grad_output(grad_output, input, stride);
-  const auto dtype = input.scalar_type();
-  const auto acc = (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
-  const int64_t kk = kernel_size * kernel_size;
-  const Tensor raw = spatial_filter.to(acc);
-  const Tensor spn = spatial_filter_norm(raw, head, kk, spatial_gain).contiguous(memory_format_of(spatial_filter));
-  auto grads = ddf_backward_unfused(grad_output.to(acc), input.to(acc), channel_filter.to(acc), spn, kernel_size,
-                                    dilation, stride, head, combine, false, 1.0);
-  const Tensor gsp = spatial_filter_norm_backward(raw, std::get<2>(grads), head, kk, spatial_gain);
-  return {std::get<0>(grads).to(dtype).contiguous(memory_format_of(input)), std::get<1>(grads).to(dtype).contiguous(),
-          gsp.to(dtype).contiguous(memory_format_of(spatial_filter))};
 }
 
 }  // namespace
