@@ -296,190 +296,327 @@ DDF_INLINE const at::opmath_type<scalar_t>* acc_view(const scalar_t* src, int64_
   }
 }
 
-// Start of the contiguous view of a tap's input (or grad_input) row: for stride 1 the row itself shifted by
-// `off`; for stride s the row is kept as s phases of Wp values (phase p holds columns p, p+s, ...), so that the
-// columns x*s + off of the output columns x are contiguous in phase (off mod s), shifted by floor(off / s).
-template <typename T>
-DDF_INLINE T* tap_view(T* base, int64_t off, int64_t s, int64_t Wp) {
-  if (s == 1) return base + off;
-  const int64_t ph = ((off % s) + s) % s;
-  return base + ph * Wp + (off - ph) / s;
-}
-
-// The spatial filter of one (b, head), `n` pixels from `src` (plane stride HoWo), as acc_t in buf[j * n + i];
-// with `norm` normalised per pixel, and the pixel's mean and unbiased std kept in mean[i], sd[i] (scale: n values).
-template <typename scalar_t>
-DDF_INLINE void bwd_load_planar(const scalar_t* src, int64_t HoWo, int64_t kk, int64_t n, bool norm,
-                                at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT buf,
-                                at::opmath_type<scalar_t>* DDF_RESTRICT mean, at::opmath_type<scalar_t>* DDF_RESTRICT sd,
-                                at::opmath_type<scalar_t>* DDF_RESTRICT scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = 0; j < kk; ++j) {
-    const scalar_t* DDF_RESTRICT s = src + j * HoWo;
-    acc_t* DDF_RESTRICT d = buf + j * n;
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<acc_t>(s[i]);
-  }
-  if (!norm) return;
-  std::fill(mean, mean + n, acc_t(0));
-  std::fill(sd, sd + n, acc_t(0));
-  for (int64_t j = 0; j < kk; ++j) {
-    DDF_SIMD for (int64_t i = 0; i < n; ++i) mean[i] += buf[j * n + i];
-  }
-  DDF_SIMD for (int64_t i = 0; i < n; ++i) mean[i] /= acc_t(kk);
-  for (int64_t j = 0; j < kk; ++j) {
-    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
-      const acc_t c = buf[j * n + i] - mean[i];
-      sd[i] += c * c;
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    sd[i] = std::sqrt(sd[i] / acc_t(kk - 1));
-    scale[i] = gain / (sd[i] + acc_t(kFilterNormEps));
-  }
-  for (int64_t j = 0; j < kk; ++j) {
-    acc_t* DDF_RESTRICT d = buf + j * n;
-    DDF_SIMD for (int64_t i = 0; i < n; ++i) d[i] = (d[i] - mean[i]) * scale[i];
-  }
-}
-
-// grad_spatial of `n` pixels (acc in G[j * n + i]) written to dst (plane stride HoWo); with `norm`, mapped to the
-// raw taps first (FilterNorm backward, see ddf/reference.py:_filter_norm_backward): with c = raw - mean,
-// a = sd + eps, g = gain * G:  d raw_j = (g_j - mean(g)) / a - c_j * sum(g c) / ((kk-1) sd a^2)  (0 where sd = 0).
-template <typename scalar_t>
-DDF_INLINE void bwd_store_planar(const at::opmath_type<scalar_t>* DDF_RESTRICT G, const scalar_t* raw,
-                                 const at::opmath_type<scalar_t>* DDF_RESTRICT mean,
-                                 const at::opmath_type<scalar_t>* DDF_RESTRICT sd, int64_t HoWo, int64_t kk, int64_t n,
-                                 bool norm, at::opmath_type<scalar_t> gain, scalar_t* dst,
-                                 at::opmath_type<scalar_t>* DDF_RESTRICT sg, at::opmath_type<scalar_t>* DDF_RESTRICT sgc) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (!norm) {
-    for (int64_t j = 0; j < kk; ++j) {
-      scalar_t* DDF_RESTRICT d = dst + j * HoWo;
-      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(G[j * n + i]);
-    }
-    return;
-  }
-  std::fill(sg, sg + n, acc_t(0));
-  std::fill(sgc, sgc + n, acc_t(0));
-  for (int64_t j = 0; j < kk; ++j) {
-    const scalar_t* DDF_RESTRICT rj = raw + j * HoWo;
-    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
-      const acc_t gv = gain * G[j * n + i];
-      sg[i] += gv;
-      sgc[i] += gv * (static_cast<acc_t>(rj[i]) - mean[i]);
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {  // sg <- mean(g), sgc <- coef; the 1/a factor goes into both
-    const acc_t a = sd[i] + acc_t(kFilterNormEps);
-    sgc[i] = sd[i] > acc_t(0) ? sgc[i] / (acc_t(kk - 1) * sd[i] * a * a) : acc_t(0);
-    sg[i] = sg[i] / acc_t(kk);
-  }
-  for (int64_t j = 0; j < kk; ++j) {
-    const scalar_t* DDF_RESTRICT rj = raw + j * HoWo;
-    scalar_t* DDF_RESTRICT d = dst + j * HoWo;
-    DDF_SIMD for (int64_t i = 0; i < n; ++i) {
-      const acc_t a = sd[i] + acc_t(kFilterNormEps);
-      d[i] = static_cast<scalar_t>((gain * G[j * n + i] - sg[i]) / a - (static_cast<acc_t>(rj[i]) - mean[i]) * sgc[i]);
-    }
-  }
-}
-
-// Per-thread scratch of the NCHW backward (sizes for the largest block).
+// GCC vector of the accumulation type (8 floats or 4 doubles; the baseline clone splits it into SSE halves),
+// with unaligned, aliasing loads and stores. Other compilers get a 1-lane "vector" (the scalar type).
+#if defined(__GNUC__)
 template <typename acc_t>
-struct NchwBwdScratch {
-  std::vector<acc_t> spn, gacc, stat, row, go_buf, in_buf;
-  NchwBwdScratch(const GeoI& g, int64_t R, int64_t Wp)
-      : spn(g.kk * bwd_halo_rows(g, R) * g.Wo), gacc(g.kk * R * g.Wo), stat(4 * bwd_halo_rows(g, R) * g.Wo),
-        row(g.s * Wp), go_buf(g.Wo), in_buf(g.s * Wp) {}
+struct BwdVec {
+  typedef acc_t v __attribute__((vector_size(32)));
+  typedef acc_t vu __attribute__((vector_size(32), aligned(alignof(acc_t)), may_alias));
+  static constexpr int64_t n = 32 / sizeof(acc_t);
+  static DDF_INLINE v load(const acc_t* p) { return *reinterpret_cast<const vu*>(p); }
+  static DDF_INLINE void store(acc_t* p, v x) { *reinterpret_cast<vu*>(p) = x; }
+  static DDF_INLINE v splat(acc_t a) { return v{} + a; }
+  static DDF_INLINE acc_t sum(v x) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+};
+#define DDF_PREFETCH(p) __builtin_prefetch(p)
+#else
+template <typename acc_t>
+struct BwdVec {
+  typedef acc_t v;
+  static constexpr int64_t n = 1;
+  static inline v load(const acc_t* p) { return *p; }
+  static inline void store(acc_t* p, v x) { *p = x; }
+  static inline v splat(acc_t a) { return a; }
+  static inline acc_t sum(v x) { return x; }
+};
+#define DDF_PREFETCH(p) ((void)(p))
+#endif
+
+// Layout of the NCHW backward task buffers. Every row is padded: P zeros on the left, the data (Wo, or Wp = Wo
+// values per stride phase), zeros up to Wv (a multiple of the vector length), P zeros on the right, so that all
+// row loops run over whole vectors at any tap offset and padded taps read zeros.
+struct NchwBwdLayout {
+  int64_t V, Wv, P, SW, R, NS, NI;  // lanes, padded width, pad, row stride, block rows, spatial rows, input rows
+  // the taps jx whose input columns fall in stride phase p: phase_jx/phase_q[p * k + i] (jx, floor(off / s)),
+  // phase_cnt[p] of them
+  std::vector<int64_t> phase_jx, phase_q, phase_cnt;
+  NchwBwdLayout(const GeoI& g, int64_t R_, int64_t V_)
+      : V(V_), R(R_), phase_jx(g.s * g.k), phase_q(g.s * g.k), phase_cnt(g.s, 0) {
+    Wv = (g.Wo + V - 1) / V * V;
+    P = g.r * g.d / g.s + 1;
+    SW = P + Wv + P;
+    NS = bwd_halo_rows(g, R);
+    NI = (R - 1) * g.s + 2 * g.r * g.d + 1;
+    for (int64_t jx = 0; jx < g.k; ++jx) {
+      const int64_t off = (jx - g.r) * g.d, ph = ((off % g.s) + g.s) % g.s;
+      phase_jx[ph * g.k + phase_cnt[ph]] = jx;
+      phase_q[ph * g.k + phase_cnt[ph]++] = (off - ph) / g.s;
+    }
+  }
 };
 
-// grad_spatial (accumulated into gacc[j * nR + (y - y0) * Wo + x]) and grad_channel (gcv[j]) of one channel over
-// the block's output rows. Loop order: row > jy (input row, converted or split into phases once) > jx > x.
-template <typename scalar_t, bool MUL>
-DDF_INLINE void nchw_filter_grads(const scalar_t* in, const scalar_t* go, const GeoI& g, const BwdRows& t, int64_t Wp,
-                                  const at::opmath_type<scalar_t>* chv, const at::opmath_type<scalar_t>* spn,
-                                  at::opmath_type<scalar_t>* gacc, at::opmath_type<scalar_t>* gcv,
-                                  NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+template <typename acc_t>
+struct NchwBwdScratch {
+  std::vector<acc_t> spn, gob, inb, gacc, stat, prow, gsum;
+  std::vector<int64_t> rows;
+  NchwBwdScratch(const GeoI& g, const NchwBwdLayout& L)
+      : spn(g.kk * L.NS * L.SW), gob(L.NS * L.SW), inb(L.NI * g.s * L.SW), gacc(g.kk * L.R * L.Wv),
+        stat(4 * L.NS * L.Wv), prow(g.s * L.Wv), gsum(g.kk * L.Wv), rows(2 * g.k) {}
+};
+
+// Zeroes buf's values of the taps that fall on the padding (rows y in [ylo, yhi) at buf + (y - ylo) * row_stride,
+// tap j at + j * tap_stride): the spatial filter there is never used (it may even be Inf/NaN) and its gradient is 0.
+template <typename acc_t>
+DDF_INLINE void zero_padded_taps(acc_t* buf, int64_t tap_stride, int64_t row_stride, int64_t ylo, int64_t yhi,
+                                 const GeoI& g) {
+  for (int64_t j = 0; j < g.kk; ++j) {
+    const int64_t jy = j / g.k, off = (j % g.k - g.r) * g.d;
+    int64_t x0, x1;
+    valid_range(off, g.s, g.W, g.Wo, x0, x1);
+    x0 = std::min(x0, g.Wo);  // valid_range may return x0 = x1 > Wo for an offset past the image
+    x1 = std::max(x0, std::min(x1, g.Wo));
+    for (int64_t y = ylo; y < yhi; ++y) {
+      acc_t* row = buf + j * tap_stride + (y - ylo) * row_stride;
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) {
+        std::fill(row, row + g.Wo, acc_t(0));
+      } else {
+        std::fill(row, row + x0, acc_t(0));
+        std::fill(row + x1, row + g.Wo, acc_t(0));
+      }
+    }
+  }
+}
+
+// The spatial filter rows [ya, yb) of one (b, head) into spn (row (j * NS + y - ya), data at offset P); with
+// `norm` normalised per pixel, keeping each pixel's mean and unbiased std in mean/sd[(y - ya) * Wv + x].
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_load_spatial(const scalar_t* spb, const GeoI& g, const NchwBwdLayout& L, int64_t ya,
+                                      int64_t yb, bool norm, at::opmath_type<scalar_t> gain,
+                                      NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_sp = (t.yb - t.ya) * g.Wo, nR = (t.y1 - t.y0) * g.Wo;
+  const int64_t HoWo = g.Ho * g.Wo;
+  acc_t *mean = ws.stat.data(), *sd = mean + L.NS * L.Wv;
+  for (int64_t y = ya; y < yb; ++y) {
+    const int64_t yy = y - ya;
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const scalar_t* DDF_RESTRICT s = spb + j * HoWo + y * g.Wo;
+      acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<acc_t>(s[x]);
+    }
+    if (!norm) continue;
+    acc_t* DDF_RESTRICT m = mean + yy * L.Wv;
+    acc_t* DDF_RESTRICT v = sd + yy * L.Wv;
+    std::fill(m, m + g.Wo, acc_t(0));
+    std::fill(v, v + g.Wo, acc_t(0));
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) m[x] += d[x];
+    }
+    for (int64_t x = 0; x < g.Wo; ++x) m[x] /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) v[x] += (d[x] - m[x]) * (d[x] - m[x]);
+    }
+    for (int64_t x = 0; x < g.Wo; ++x) v[x] = std::sqrt(v[x] / acc_t(g.kk - 1));
+    for (int64_t j = 0; j < g.kk; ++j) {
+      acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) d[x] = (d[x] - m[x]) * (gain / (v[x] + acc_t(kFilterNormEps)));
+    }
+  }
+  zero_padded_taps(ws.spn.data() + L.P, L.NS * L.SW, L.SW, ya, yb, g);
+}
+
+// grad_spatial of the block (gacc, row (j * R + y - y0), stride Wv) written to dst (rows of Wo, plane stride
+// HoWo); with `norm` mapped to the raw taps first (FilterNorm backward, see ddf/reference.py:_filter_norm_backward):
+// with c = raw - mean, a = sd + eps, g = gain * G:  d raw_j = (g_j - mean(g)) / a - c_j * sum(g c) / ((kk-1) sd a^2)
+// (the second term 0 where sd = 0).
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_store_spatial(const scalar_t* spb, const GeoI& g, const NchwBwdLayout& L, int64_t ya,
+                                       int64_t y0, int64_t y1, bool norm, at::opmath_type<scalar_t> gain,
+                                       scalar_t* gspb, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HoWo = g.Ho * g.Wo;
+  zero_padded_taps(ws.gacc.data(), L.R * L.Wv, L.Wv, y0, y1, g);
+  const acc_t *mean = ws.stat.data(), *sd = mean + L.NS * L.Wv;
+  acc_t *sg = ws.stat.data() + 2 * L.NS * L.Wv, *sgc = sg + L.NS * L.Wv;
+  for (int64_t y = y0; y < y1; ++y) {
+    const acc_t* G = ws.gacc.data() + (y - y0) * L.Wv;
+    const acc_t* DDF_RESTRICT m = mean + (y - ya) * L.Wv;
+    const acc_t* DDF_RESTRICT v = sd + (y - ya) * L.Wv;
+    if (norm) {
+      std::fill(sg, sg + g.Wo, acc_t(0));
+      std::fill(sgc, sgc + g.Wo, acc_t(0));
+      for (int64_t j = 0; j < g.kk; ++j) {
+        const scalar_t* DDF_RESTRICT raw = spb + j * HoWo + y * g.Wo;
+        const acc_t* DDF_RESTRICT Gj = G + j * L.R * L.Wv;
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          sg[x] += gain * Gj[x];
+          sgc[x] += gain * Gj[x] * (static_cast<acc_t>(raw[x]) - m[x]);
+        }
+      }
+      for (int64_t x = 0; x < g.Wo; ++x) {
+        const acc_t a = v[x] + acc_t(kFilterNormEps);
+        sgc[x] = v[x] > acc_t(0) ? sgc[x] / (acc_t(g.kk - 1) * v[x] * a * a) : acc_t(0);
+        sg[x] /= acc_t(g.kk);
+      }
+    }
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const scalar_t* DDF_RESTRICT raw = spb + j * HoWo + y * g.Wo;
+      const acc_t* DDF_RESTRICT Gj = G + j * L.R * L.Wv;
+      scalar_t* DDF_RESTRICT d = gspb + j * HoWo + y * g.Wo;
+      if (!norm) {
+        for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<scalar_t>(Gj[x]);
+      } else {
+        for (int64_t x = 0; x < g.Wo; ++x)
+          d[x] = static_cast<scalar_t>((gain * Gj[x] - sg[x]) / (v[x] + acc_t(kFilterNormEps)) -
+                                       (static_cast<acc_t>(raw[x]) - m[x]) * sgc[x]);
+      }
+    }
+  }
+}
+
+// One channel's grad_output rows [ya, yb) and input rows [y0*s - r*d, (y1-1)*s + r*d] into the padded task
+// buffers (input rows split into s stride phases: phase p holds columns p, p+s, ...). Rows outside the image are
+// skipped by the loops that would read them.
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_load_channel(const scalar_t* in, const scalar_t* go, const GeoI& g, const NchwBwdLayout& L,
+                                      const BwdRows& t, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t y = t.ya; y < t.yb; ++y) {
+    const scalar_t* DDF_RESTRICT s = go + y * g.Wo;
+    acc_t* DDF_RESTRICT d = ws.gob.data() + (y - t.ya) * L.SW + L.P;
+    for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<acc_t>(s[x]);
+  }
+  const int64_t ylo = t.y0 * g.s - g.r * g.d;
+  for (int64_t i = 0; i < (t.y1 - 1 - t.y0) * g.s + 2 * g.r * g.d + 1; ++i) {
+    const int64_t iy = ylo + i;
+    if (iy < 0 || iy >= g.H) continue;
+    const scalar_t* DDF_RESTRICT s = in + iy * g.W;
+    acc_t* DDF_RESTRICT d = ws.inb.data() + i * g.s * L.SW + L.P;
+    if (g.s == 1) {
+      for (int64_t x = 0; x < g.W; ++x) d[x] = static_cast<acc_t>(s[x]);
+    } else {
+      for (int64_t p = 0; p < g.s; ++p)
+        for (int64_t m = 0; p + m * g.s < g.W; ++m) d[p * L.SW + m] = static_cast<acc_t>(s[p + m * g.s]);
+    }
+  }
+}
+
+// Prefetch of the next channel's rows that nchw_bwd_load_channel will read (short row blocks of many planes are
+// not followed by the hardware prefetcher early enough).
+template <typename scalar_t>
+DDF_INLINE void bwd_prefetch_channel(const scalar_t* in, const scalar_t* go, const GeoI& g, const BwdRows& t) {
+  constexpr int64_t step = 64 / sizeof(scalar_t);
+  const char* gp = reinterpret_cast<const char*>(go + t.ya * g.Wo);
+  for (int64_t i = 0; i < (t.yb - t.ya) * g.Wo; i += step) DDF_PREFETCH(gp + i * sizeof(scalar_t));
+  const int64_t lo = std::max<int64_t>(0, t.y0 * g.s - g.r * g.d);
+  const int64_t hi = std::min(g.H, (t.y1 - 1) * g.s + g.r * g.d + 1);
+  const char* ip = reinterpret_cast<const char*>(in + lo * g.W);
+  for (int64_t i = 0; i < (hi - lo) * g.W; i += step) DDF_PREFETCH(ip + i * sizeof(scalar_t));
+}
+
+// Offset of the contiguous view of tap offset `off` in a phase-split row: phase (off mod s), shifted floor(off/s).
+DDF_INLINE int64_t phase_offset(int64_t off, int64_t s, int64_t SW) {
+  const int64_t ph = ((off % s) + s) % s;
+  return ph * SW + (off - ph) / s;
+}
+
+// grad_spatial (accumulated into gacc) and grad_channel (gcv[j]) of one channel over the block's output rows.
+// Loop order: row > tap > x-vector; grad_channel is summed per (tap, x) in gsum and reduced once per channel
+// (no loop-carried dependency in the x loop).
+template <typename acc_t, bool MUL>
+DDF_INLINE void nchw_filter_grads(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t, const acc_t* chv,
+                                  acc_t* gcv, NchwBwdScratch<acc_t>& ws) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;  // loop bounds in locals: the may_alias vector stores would force reloads
+  const int64_t Wv = L.Wv;
+  acc_t* gsum = ws.gsum.data();
+  std::fill(ws.gsum.begin(), ws.gsum.end(), acc_t(0));
   for (int64_t y = t.y0; y < t.y1; ++y) {
-    const acc_t* DDF_RESTRICT go_row = acc_view(go + y * g.Wo, g.Wo, ws.go_buf.data());
+    const acc_t* gor = ws.gob.data() + (y - t.ya) * L.SW + L.P;
     for (int64_t jy = 0; jy < g.k; ++jy) {
       const int64_t iy = y * g.s + (jy - g.r) * g.d;
       if (iy < 0 || iy >= g.H) continue;
-      const acc_t* base;
-      if (g.s == 1) {
-        base = acc_view(in + iy * g.W, g.W, ws.in_buf.data());
-      } else {
-        const scalar_t* DDF_RESTRICT src = in + iy * g.W;
-        acc_t* DDF_RESTRICT dst = ws.in_buf.data();
-        for (int64_t p = 0; p < g.s; ++p)
-          for (int64_t m = 0; p + m * g.s < g.W; ++m) dst[p * Wp + m] = static_cast<acc_t>(src[p + m * g.s]);
-        base = dst;
-      }
+      const acc_t* inr = ws.inb.data() + ((y - t.y0) * g.s + jy * g.d) * g.s * L.SW + L.P;
       for (int64_t jx = 0; jx < g.k; ++jx) {
-        const int64_t j = jy * g.k + jx, off = (jx - g.r) * g.d;
-        int64_t x0, x1;
-        valid_range(off, g.s, g.W, g.Wo, x0, x1);
-        const acc_t* DDF_RESTRICT src = tap_view(base, off, g.s, Wp);
-        const acc_t* DDF_RESTRICT spr = spn + j * n_sp + (y - t.ya) * g.Wo;
-        acc_t* DDF_RESTRICT acc = gacc + j * nR + (y - t.y0) * g.Wo;
-        const acc_t cj = chv[j];
-        acc_t sum = 0;
-        DDF_SIMD_SUM(sum)
-        for (int64_t x = x0; x < x1; ++x) {
-          const acc_t v = go_row[x] * src[x];
-          acc[x] += MUL ? v * cj : v;
-          sum += MUL ? v * spr[x] : v;
+        const int64_t j = jy * g.k + jx;
+        const acc_t* src = inr + phase_offset((jx - g.r) * g.d, g.s, L.SW);
+        const acc_t* spr = ws.spn.data() + (j * L.NS + y - t.ya) * L.SW + L.P;
+        acc_t* acc = ws.gacc.data() + (j * L.R + y - t.y0) * L.Wv;
+        const vec cj = VT::splat(chv[j]);
+        acc_t* gs = gsum + j * Wv;
+        for (int64_t x = 0; x < Wv; x += V) {
+          const vec v = VT::load(gor + x) * VT::load(src + x);
+          VT::store(acc + x, VT::load(acc + x) + (MUL ? v * cj : v));
+          VT::store(gs + x, VT::load(gs + x) + (MUL ? v * VT::load(spr + x) : v));
         }
-        gcv[j] += sum;
       }
     }
+  }
+  for (int64_t j = 0; j < g.kk; ++j) {
+    vec s = VT::load(gsum + j * Wv);
+    for (int64_t x = V; x < Wv; x += V) s += VT::load(gsum + j * Wv + x);
+    gcv[j] = VT::sum(s);
   }
 }
 
 // grad_input of one channel over the block's input rows, gathered from the output rows that read each row.
-// Loop order: input row > jy (output row) > jx > x; the row is accumulated in a buffer (s phases for stride s,
-// so that every tap's update is a contiguous vectorised loop) and written once.
+// Loop order: input row > stride phase > taps of that phase > x-vector, accumulated in a row buffer (no
+// loop-carried dependency in the x loop) and written once. The taps that read an input row (jy) and those of a
+// stride phase (jx, from L.phase_*) are listed up front.
 template <typename scalar_t, bool MUL>
-DDF_INLINE void nchw_input_grads(const scalar_t* go, const GeoI& g, const BwdRows& t, int64_t Wp,
-                                 const at::opmath_type<scalar_t>* chv, const at::opmath_type<scalar_t>* spn,
-                                 scalar_t* gi, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+DDF_INLINE void nchw_input_grads(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t,
+                                 const at::opmath_type<scalar_t>* chv, scalar_t* gi,
+                                 NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_sp = (t.yb - t.ya) * g.Wo;
-  acc_t* DDF_RESTRICT row = ws.row.data();
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  int64_t* rows_jy = ws.rows.data();
+  int64_t* rows_yy = rows_jy + g.k;
+  const int64_t tap_stride = L.NS * L.SW, Wv = L.Wv;
   for (int64_t iy = t.iy0; iy < t.iy1; ++iy) {
-    std::fill(ws.row.begin(), ws.row.end(), acc_t(0));
+    int64_t nrows = 0;
     for (int64_t jy = 0; jy < g.k; ++jy) {
       const int64_t ty = iy - (jy - g.r) * g.d;
       if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
-      const int64_t y = ty / g.s;
-      const acc_t* DDF_RESTRICT go_row = acc_view(go + y * g.Wo, g.Wo, ws.go_buf.data());
-      for (int64_t jx = 0; jx < g.k; ++jx) {
-        const int64_t j = jy * g.k + jx, off = (jx - g.r) * g.d;
-        int64_t x0, x1;
-        valid_range(off, g.s, g.W, g.Wo, x0, x1);
-        const acc_t* DDF_RESTRICT spr = spn + j * n_sp + (y - t.ya) * g.Wo;
-        acc_t* DDF_RESTRICT dst = tap_view(row, off, g.s, Wp);
-        const acc_t cj = chv[j];
-        DDF_SIMD for (int64_t x = x0; x < x1; ++x) dst[x] += go_row[x] * (MUL ? spr[x] * cj : spr[x] + cj);
+      rows_jy[nrows] = jy;
+      rows_yy[nrows++] = ty / g.s - t.ya;
+    }
+    for (int64_t p = 0; p < g.s; ++p) {
+      const int64_t cnt = L.phase_cnt[p];
+      const int64_t* pjx = L.phase_jx.data() + p * g.k;
+      const int64_t* pq = L.phase_q.data() + p * g.k;
+      acc_t* pr = ws.prow.data() + p * Wv;
+      std::fill(pr, pr + Wv, acc_t(0));
+      for (int64_t e = 0; e < nrows; ++e) {
+        const int64_t jy = rows_jy[e], yy = rows_yy[e];
+        const acc_t* gor = ws.gob.data() + yy * L.SW + L.P;
+        const acc_t* spr = ws.spn.data() + (jy * g.k * L.NS + yy) * L.SW + L.P;
+        for (int64_t i = 0; i < cnt; ++i) {
+          const int64_t jx = pjx[i], q = pq[i];
+          const acc_t* gq = gor - q;
+          const acc_t* sq = spr + jx * tap_stride - q;
+          const acc_t cj = chv[jy * g.k + jx];
+          for (int64_t m = 0; m < Wv; m += VT::n) {
+            const vec sv = VT::load(sq + m);
+            VT::store(pr + m, VT::load(pr + m) + VT::load(gq + m) * (MUL ? sv * cj : sv + cj));
+          }
+        }
       }
     }
     scalar_t* DDF_RESTRICT out = gi + iy * g.W;
+    const acc_t* DDF_RESTRICT row = ws.prow.data();
     if (g.s == 1) {
       for (int64_t ix = 0; ix < g.W; ++ix) out[ix] = static_cast<scalar_t>(row[ix]);
     } else {
       for (int64_t p = 0; p < g.s; ++p)
-        for (int64_t m = 0; p + m * g.s < g.W; ++m) out[p + m * g.s] = static_cast<scalar_t>(row[p * Wp + m]);
+        for (int64_t m = 0; p + m * g.s < g.W; ++m) out[p + m * g.s] = static_cast<scalar_t>(row[p * L.Wv + m]);
     }
   }
 }
 
 // NCHW backward: one task per (b, head, block of R output rows) (see the section comment).
-// Loop order: channel of the head (outer) > row > tap > x (inner, vectorised). Channel-outer streams each channel's
-// rows of grad_output / input / grad_input from memory once (plus the halo rows of grad_output at block edges),
-// while the block's spatial filter (normalised with `norm`) and its grad_spatial accumulator stay in cache for all
-// the head's channels; grad_spatial is written once per block.
+// Loop order: channel of the head (outer) > row > tap > x-vector (inner). Channel-outer streams each channel's rows
+// of grad_output / input / grad_input from memory once (plus the halo rows at block edges) into small padded
+// buffers, while the block's spatial filter (normalised with `norm`) and its grad_spatial accumulator stay in cache
+// for all the head's channels; grad_spatial is written once per block.
 template <typename scalar_t, bool MUL>
 void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& gin,
                    Tensor& gch, Tensor& gsp, const GeoI g, bool norm, double gain) {
@@ -491,38 +628,31 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   scalar_t* gin_data = gin.mutable_data_ptr<scalar_t>();
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
   scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
-  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo, Wp = (g.W + g.s - 1) / g.s;
+  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
   const int64_t R = bwd_block_rows(g, 12288 / std::max<int64_t>(1, g.kk * g.Wo), g.B * g.head);
   const int64_t n_rb = (g.Ho + R - 1) / R;
+  const NchwBwdLayout L(g, R, BwdVec<acc_t>::n);
   std::vector<acc_t> partial(g.B * g.C * n_rb * g.kk);
   const acc_t gn = static_cast<acc_t>(gain);
   at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    NchwBwdScratch<acc_t> ws(g, R, Wp);
+    NchwBwdScratch<acc_t> ws(g, L);
     std::vector<acc_t> chv(g.kk), gcv(g.kk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
       const BwdRows t = bwd_rows(g, rb, R);
-      const int64_t n_sp = (t.yb - t.ya) * g.Wo, nR = (t.y1 - t.y0) * g.Wo, n_st = bwd_halo_rows(g, R) * g.Wo;
       const scalar_t* spb = sp_data + bh * g.kk * HoWo;
-      acc_t* st = ws.stat.data();
-      bwd_load_planar<scalar_t>(spb + t.ya * g.Wo, HoWo, g.kk, n_sp, norm, gn, ws.spn.data(), st, st + n_st,
-                                st + 2 * n_st);
+      nchw_bwd_load_spatial<scalar_t>(spb, g, L, t.ya, t.yb, norm, gn, ws);
       std::fill(ws.gacc.begin(), ws.gacc.end(), acc_t(0));
       for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
         const int64_t bc = b * g.C + c;
-        for (int64_t j = 0; j < g.kk; ++j) {
-          chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
-          gcv[j] = acc_t(0);
-        }
-        nchw_filter_grads<scalar_t, MUL>(in_data + bc * HW, go_data + bc * HoWo, g, t, Wp, chv.data(),
-                                         ws.spn.data(), ws.gacc.data(), gcv.data(), ws);
-        nchw_input_grads<scalar_t, MUL>(go_data + bc * HoWo, g, t, Wp, chv.data(), ws.spn.data(),
-                                        gin_data + bc * HW, ws);
+        for (int64_t j = 0; j < g.kk; ++j) chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
+        nchw_bwd_load_channel<scalar_t>(in_data + bc * HW, go_data + bc * HoWo, g, L, t, ws);
+        if (c + 1 < (h + 1) * g.Cg) bwd_prefetch_channel(in_data + (bc + 1) * HW, go_data + (bc + 1) * HoWo, g, t);
+        nchw_filter_grads<acc_t, MUL>(g, L, t, chv.data(), gcv.data(), ws);
+        nchw_input_grads<scalar_t, MUL>(g, L, t, chv.data(), gin_data + bc * HW, ws);
         for (int64_t j = 0; j < g.kk; ++j) partial[(bc * n_rb + rb) * g.kk + j] = gcv[j];
       }
-      const int64_t so = (t.y0 - t.ya) * g.Wo;  // block rows inside the halo-extended stats
-      bwd_store_planar<scalar_t>(ws.gacc.data(), spb + t.y0 * g.Wo, st + so, st + n_st + so, HoWo, g.kk, nR, norm,
-                                 gn, gsp_data + bh * g.kk * HoWo + t.y0 * g.Wo, st + 2 * n_st, st + 3 * n_st);
+      nchw_bwd_store_spatial<scalar_t>(spb, g, L, t.ya, t.y0, t.y1, norm, gn, gsp_data + bh * g.kk * HoWo, ws);
     }
   });
   for (int64_t bc = 0; bc < g.B * g.C; ++bc)
