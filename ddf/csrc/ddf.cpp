@@ -589,7 +589,22 @@ DDF_INLINE void nchw_input_grads(const GeoI& g, const NchwBwdLayout& L, const Bw
         const int64_t jy = rows_jy[e], yy = rows_yy[e];
         const acc_t* gor = ws.gob.data() + yy * L.SW + L.P;
         const acc_t* spr = ws.spn.data() + (jy * g.k * L.NS + yy) * L.SW + L.P;
-        for (int64_t i = 0; i < cnt; ++i) {
+        int64_t i = 0;
+        for (; i + 3 <= cnt; i += 3) {  // three taps per pass over the row buffer (k = 3, stride 1: all of them)
+          const acc_t *g0 = gor - pq[i], *g1 = gor - pq[i + 1], *g2 = gor - pq[i + 2];
+          const acc_t* s0 = spr + pjx[i] * tap_stride - pq[i];
+          const acc_t* s1 = spr + pjx[i + 1] * tap_stride - pq[i + 1];
+          const acc_t* s2 = spr + pjx[i + 2] * tap_stride - pq[i + 2];
+          const acc_t c0 = chv[jy * g.k + pjx[i]], c1 = chv[jy * g.k + pjx[i + 1]], c2 = chv[jy * g.k + pjx[i + 2]];
+          for (int64_t m = 0; m < Wv; m += VT::n) {
+            const vec v0 = VT::load(s0 + m), v1 = VT::load(s1 + m), v2 = VT::load(s2 + m);
+            const vec t0 = VT::load(g0 + m) * (MUL ? v0 * c0 : v0 + c0);
+            const vec t1 = VT::load(g1 + m) * (MUL ? v1 * c1 : v1 + c1);
+            const vec t2 = VT::load(g2 + m) * (MUL ? v2 * c2 : v2 + c2);
+            VT::store(pr + m, VT::load(pr + m) + (t0 + t1 + t2));
+          }
+        }
+        for (; i < cnt; ++i) {
           const int64_t jx = pjx[i], q = pq[i];
           const acc_t* gq = gor - q;
           const acc_t* sq = spr + jx * tap_stride - q;
