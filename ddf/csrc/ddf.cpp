@@ -760,6 +760,33 @@ struct NhwcBwdScratch {
         G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C) {}
 };
 
+// One tap of one pixel over channels [c0, c1): returns sum_c go*in*ch (grad_spatial; go*in for 'add') and adds
+// go*in*sp (go*in) to the grad_channel partial sums pj. Two vector accumulators (two vectors per iteration) halve
+// the dependency chain of the sum; the remainder is scalar.
+template <typename acc_t, bool MUL>
+DDF_INLINE acc_t nhwc_tap_sum(const acc_t* DDF_RESTRICT gp, const acc_t* DDF_RESTRICT px, const acc_t* DDF_RESTRICT cj,
+                              acc_t* DDF_RESTRICT pj, acc_t sv, int64_t c0, int64_t c1) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;
+  vec s0 = VT::splat(0), s1 = VT::splat(0);
+  int64_t c = c0;
+  for (; c + 2 * V <= c1; c += 2 * V) {
+    const vec v0 = VT::load(gp + c) * VT::load(px + c), v1 = VT::load(gp + c + V) * VT::load(px + c + V);
+    s0 += MUL ? v0 * VT::load(cj + c) : v0;
+    s1 += MUL ? v1 * VT::load(cj + c + V) : v1;
+    VT::store(pj + c, VT::load(pj + c) + (MUL ? v0 * sv : v0));
+    VT::store(pj + c + V, VT::load(pj + c + V) + (MUL ? v1 * sv : v1));
+  }
+  acc_t sum = VT::sum(s0 + s1);
+  for (; c < c1; ++c) {
+    const acc_t v = gp[c] * px[c];
+    sum += MUL ? v * cj[c] : v;
+    pj[c] += MUL ? v * sv : v;
+  }
+  return sum;
+}
+
 // grad_spatial of output row y (written) and its grad_channel contributions (part[j * C + c]).
 // Loop order: x > tap > head > channel (inner, vectorised; the head's channel sum is grad_spatial of the tap).
 template <typename scalar_t, bool MUL>
@@ -784,17 +811,8 @@ DDF_INLINE void nhwc_filter_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI
         const acc_t* DDF_RESTRICT px = acc_view(A.in + b * A.isB + iy * A.isH + ix * A.isW, g.C, ws.in_buf.data());
         const acc_t* DDF_RESTRICT cj = chb + j * g.C;
         acc_t* DDF_RESTRICT pj = part + j * g.C;
-        for (int64_t h = 0; h < g.head; ++h) {
-          const acc_t sv = taps[h * g.kk + j];
-          acc_t sum = 0;
-          DDF_SIMD_SUM(sum)
-          for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
-            const acc_t v = gp[c] * px[c];
-            sum += MUL ? v * cj[c] : v;
-            pj[c] += MUL ? v * sv : v;
-          }
-          G[h * g.kk + j] = sum;
-        }
+        for (int64_t h = 0; h < g.head; ++h)
+          G[h * g.kk + j] = nhwc_tap_sum<acc_t, MUL>(gp, px, cj, pj, taps[h * g.kk + j], h * g.Cg, (h + 1) * g.Cg);
       }
     }
     bwd_store_pixel<scalar_t>(G, A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, ws.stat.data() + pix * g.head * 2,
