@@ -754,10 +754,13 @@ NhwcBwdArgs<scalar_t> nhwc_bwd_args(const Tensor& gout, const Tensor& input, con
 // Per-thread scratch of the NHWC backward.
 template <typename acc_t>
 struct NhwcBwdScratch {
-  std::vector<acc_t> spn, stat, G, acc, go_buf, in_buf;
+  std::vector<acc_t> spn, stat, G, acc, go_buf, in_buf, go_taps, tap_sp;
+  std::vector<const acc_t*> tap_go, tap_ch;  // the valid taps of one grad_input pixel
   NhwcBwdScratch(const GeoI& g, int64_t R)
       : spn(bwd_halo_rows(g, R) * g.Wo * g.head * g.kk), stat(bwd_halo_rows(g, R) * g.Wo * g.head * 2),
-        G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C) {}
+        G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C),
+        go_taps(g.kk * g.C),  // converted grad_output pixels (half types)
+        tap_sp(g.kk * g.head), tap_go(g.kk), tap_ch(g.kk) {}
 };
 
 // One tap of one pixel over channels [c0, c1): returns sum_c go*in*ch (grad_spatial; go*in for 'add') and adds
@@ -821,16 +824,24 @@ DDF_INLINE void nhwc_filter_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI
 }
 
 // grad_input of input row iy, gathered per pixel from the output pixels that read it.
-// Loop order: ix > tap > head > channel (inner, vectorised), accumulated in a C-long buffer and written once.
+// Loop order: ix > head > channel vector pair (two register accumulators) > the pixel's valid taps (listed first:
+// grad_output pixel, channel filter row, spatial tap per head), so each tap costs two loads and two vector
+// operations and the result is stored once.
 template <typename scalar_t, bool MUL>
 DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
                                      int64_t iy, const at::opmath_type<scalar_t>* chb,
                                      NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
   using acc_t = at::opmath_type<scalar_t>;
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;
   const int64_t hkk = g.head * g.kk;
   acc_t* DDF_RESTRICT acc = ws.acc.data();
+  const acc_t** tgp = ws.tap_go.data();
+  const acc_t** tcj = ws.tap_ch.data();
+  acc_t* tsv = ws.tap_sp.data();
   for (int64_t ix = 0; ix < g.W; ++ix) {
-    std::fill(acc, acc + g.C, acc_t(0));
+    int64_t nt = 0;
     for (int64_t jy = 0; jy < g.k; ++jy) {
       const int64_t ty = iy - (jy - g.r) * g.d;
       if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
@@ -839,13 +850,31 @@ DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI&
         const int64_t tx = ix - (jx - g.r) * g.d, j = jy * g.k + jx;
         if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.Wo) continue;
         const int64_t x = tx / g.s;
-        const acc_t* DDF_RESTRICT gp = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_buf.data());
-        const acc_t* DDF_RESTRICT taps = ws.spn.data() + ((y - t.ya) * g.Wo + x) * hkk;
-        const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-        for (int64_t h = 0; h < g.head; ++h) {
-          const acc_t sv = taps[h * g.kk + j];
-          DDF_SIMD for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) acc[c] += gp[c] * (MUL ? sv * cj[c] : sv + cj[c]);
+        tgp[nt] = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_taps.data() + nt * g.C);
+        tcj[nt] = chb + j * g.C;
+        const acc_t* taps = ws.spn.data() + ((y - t.ya) * g.Wo + x) * hkk;
+        for (int64_t h = 0; h < g.head; ++h) tsv[nt * g.head + h] = taps[h * g.kk + j];
+        ++nt;
+      }
+    }
+    for (int64_t h = 0; h < g.head; ++h) {
+      const int64_t c1 = (h + 1) * g.Cg;
+      int64_t c = h * g.Cg;
+      for (; c + 2 * V <= c1; c += 2 * V) {
+        vec a0 = VT::splat(0), a1 = VT::splat(0);
+        for (int64_t e = 0; e < nt; ++e) {
+          const acc_t sv = tsv[e * g.head + h];
+          const acc_t *gp = tgp[e] + c, *cj = tcj[e] + c;
+          a0 += VT::load(gp) * (MUL ? VT::load(cj) * sv : VT::load(cj) + sv);
+          a1 += VT::load(gp + V) * (MUL ? VT::load(cj + V) * sv : VT::load(cj + V) + sv);
         }
+        VT::store(acc + c, a0);
+        VT::store(acc + c + V, a1);
+      }
+      for (; c < c1; ++c) {
+        acc_t a = 0;
+        for (int64_t e = 0; e < nt; ++e) a += tgp[e][c] * (MUL ? tsv[e * g.head + h] * tcj[e][c] : tsv[e * g.head + h] + tcj[e][c]);
+        acc[c] = a;
       }
     }
     scalar_t* DDF_RESTRICT dst = A.gin + b * A.nsB + iy * A.nsH + ix * A.nsW;
