@@ -248,11 +248,6 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
 #else
 #define DDF_INLINE inline
 #endif
-#if defined(_OPENMP) || defined(__GNUC__)
-#define DDF_SIMD DDF_PRAGMA(omp simd)
-#else
-#define DDF_SIMD
-#endif
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -873,7 +868,10 @@ DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI&
       }
       for (; c < c1; ++c) {
         acc_t a = 0;
-        for (int64_t e = 0; e < nt; ++e) a += tgp[e][c] * (MUL ? tsv[e * g.head + h] * tcj[e][c] : tsv[e * g.head + h] + tcj[e][c]);
+        for (int64_t e = 0; e < nt; ++e) {
+          const acc_t sv = tsv[e * g.head + h];
+          a += tgp[e][c] * (MUL ? sv * tcj[e][c] : sv + tcj[e][c]);
+        }
         acc[c] = a;
       }
     }
@@ -973,7 +971,8 @@ std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, c
   const GeoI g = make_geo(input_, kernel_size, dilation, stride, head);
   Tensor gin = at::empty(input_.sizes(), input_.options().memory_format(memory_format_of(input_)));
   Tensor gch = at::empty(channel_filter.sizes(), channel_filter.options());
-  Tensor gsp = at::empty(spatial_filter.sizes(), spatial_filter.options().memory_format(memory_format_of(spatial_filter)));
+  Tensor gsp = at::empty(spatial_filter.sizes(),
+                         spatial_filter.options().memory_format(memory_format_of(spatial_filter)));
   if (input_.numel() == 0 || grad_output.numel() == 0) {
     gin.zero_(); gch.zero_(); gsp.zero_();
     return {gin, gch, gsp};
