@@ -141,3 +141,49 @@ def test_modules_use_fused_path_same_result(backend, monkeypatch):
         monkeypatch.setattr(modules, "ddf", real)
         assert torch.allclose(fused, unfused, atol=1e-10) and torch.allclose(xf.grad, xu.grad, atol=1e-10)
         assert sorted(module.state_dict()) == keys
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_fused_backward_constant_filter_std_zero(channels_last, dtype):
+    """std = 0 exactly at some pixels (constant taps, exactly representable): the fused kernel backward gives the
+    reference's gradients there (second FilterNorm term 0, first term scaled by gain / eps), finite everywhere."""
+    k, head, gain = 3, 2, 0.8
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64)
+    ch = torch.randn(2, 4, k, k, generator=g, dtype=torch.float64)
+    raw = torch.randn(2, head * 9, 7, 6, generator=g, dtype=torch.float64)
+    raw[:, :9, 2:5, 1:4] = 0.5  # head 0: constant taps on a patch of pixels
+    raw[1, 9:, :, 0] = -2.0  # head 1 of sample 1: constant along the first column (on the padding there too)
+    go = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64) * 1e-9  # keeps gain/eps-sized grads moderate
+    if channels_last:
+        x, raw, go = (t.contiguous(memory_format=torch.channels_last) for t in (x, raw, go))
+    x, ch, raw, go = (t.to(dtype) for t in (x, ch, raw, go))
+    with ddf.use_backend("cpp"):
+        grads = torch.ops.ddf.ddf_backward(go, x, ch, raw, k, 1, 1, head, 0, True, gain)
+    refs = ddf.reference.ddf_reference_backward(go.double(), x.double(), ch.double(), raw.double(), k, 1, 1, head,
+                                                "mul", True, gain)
+    for name, a, r in zip(("grad_input", "grad_channel", "grad_spatial"), grads, refs):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, r) <= (1e-10 if dtype == torch.float64 else 1e-5), (name, _rel(a, r))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_fused_backward_many_row_blocks(channels_last):
+    """Tall inputs: several row blocks per (b, head) with halo rows, stride 2 + dilation 2 and k = 5, fused norm."""
+    for cfg in [(1, 6, 41, 12, 3, 2, 2, 2, "mul", channels_last), (1, 5, 36, 9, 5, 1, 1, 1, "add", channels_last)]:
+        tensors = _inputs(cfg, torch.float64, seed=11)
+        fused = _run("cpp", cfg, tensors, True)
+        composed = _run("reference", cfg, tensors, False)
+        for name, a, b in zip(("out", "grad_input", "grad_channel", "grad_spatial"), fused, composed):
+            assert _rel(a, b) <= TOL[torch.float64], (name, cfg, _rel(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_fused_low_precision_channels_last(dtype):
+    for cfg in (SWEEP[1], SWEEP[2], SWEEP[4]):
+        tensors = _inputs(cfg, dtype, seed=4)
+        fused = _run("cpp", cfg, tensors, True)
+        exact = _run("reference", cfg, [t.double() for t in tensors], True)
+        for name, a, b in zip(("out", "grad_input", "grad_channel", "grad_spatial"), fused, exact):
+            assert a.dtype == dtype and _rel(a, b) <= TOL[dtype], (name, dtype, cfg, _rel(a, b))

@@ -135,6 +135,73 @@ def test_mixed_layouts_forward_and_backward(backend, input_cl, sp_cl):
         _compare(cfg, torch.float64, input_cl, 1e-10, backend, sp_channels_last=sp_cl)
 
 
+
+# Shapes aimed at the C++ backward's row-block / padded-vector / stride-phase paths (issue 12): widths below and
+# just above the vector length, odd widths, stride 2 + dilation 2, stride 3, k = 5/7, head > 1, C not a multiple
+# of 8, several row blocks with a halo (tall images), a single output row or column.
+BACKWARD_PATH_CONFIGS = [
+    # B, C, H, W, k, d, s, head, combine
+    (2, 3, 5, 3, 3, 1, 1, 1, "mul"),
+    (1, 6, 9, 5, 3, 2, 2, 2, "add"),
+    (1, 5, 13, 11, 5, 2, 2, 1, "mul"),
+    (2, 9, 7, 17, 7, 1, 1, 3, "mul"),
+    (1, 12, 40, 9, 3, 2, 2, 4, "add"),
+    (1, 10, 37, 10, 5, 1, 3, 2, "mul"),
+    (1, 7, 1, 12, 3, 1, 1, 1, "add"),
+    (3, 4, 10, 1, 3, 2, 2, 2, "mul"),
+    (1, 4, 6, 4, 7, 3, 1, 1, "mul"),  # taps far outside a small image
+]
+
+
+@pytest.mark.parametrize("cfg", BACKWARD_PATH_CONFIGS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_backward_paths_fp64(cfg, channels_last):
+    _compare(cfg, torch.float64, channels_last, 1e-10, "cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_backward_paths_low_precision(dtype, channels_last):
+    for cfg in BACKWARD_PATH_CONFIGS[:5]:
+        _compare(cfg, dtype, channels_last, LOW_PRECISION_TOL[dtype], "cpp")
+
+
+@pytest.mark.parametrize("spatial_norm", [False, True])
+def test_cpp_backward_channels_last_non_contiguous_filters(spatial_norm):
+    """channels_last input with a transposed-view channel filter and a sliced (strided) spatial filter."""
+    k, d, s, head = 3, 2, 2, 2
+    x, _, _ = make_inputs(2, 6, 9, 8, k, s, head, seed=21, channels_last=True)
+    g = torch.Generator().manual_seed(22)
+    ch = torch.randn(2, 6, k, k, generator=g, dtype=torch.float64).transpose(2, 3)  # non-contiguous view
+    sp_big = torch.randn(2, 2 * head * k * k, 5, 4, generator=g, dtype=torch.float64)
+    sp = sp_big[:, ::2]  # neither contiguous nor channels_last
+    assert not ch.is_contiguous() and not sp.is_contiguous()
+    go = torch.randn(2, 6, 5, 4, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with ddf.use_backend("cpp"):
+        grads = torch.ops.ddf.ddf_backward(go, x, ch, sp, k, d, s, head, 0, spatial_norm, 0.7)
+    refs = ddf_reference_backward(go, x, ch, sp, k, d, s, head, "mul", spatial_norm, 0.7)
+    for name, a, r in zip(("grad_input", "grad_channel", "grad_spatial"), grads, refs):
+        assert max_rel_err(a, r) <= 1e-10, name
+
+
+def test_cpp_backward_does_not_depend_on_thread_count():
+    """Fixed task layout and block-ordered grad_channel reduction: bitwise equal results for 1 and 2 threads."""
+    threads = torch.get_num_threads()
+    for cl, norm in ((False, False), (True, True), (False, True)):
+        x, ch, sp = make_inputs(2, 16, 30, 20, 3, 1, 2, dtype=torch.float32, seed=5, channels_last=cl)
+        go = torch.randn(2, 16, 30, 20, generator=torch.Generator().manual_seed(6)).contiguous(
+            memory_format=torch.channels_last if cl else torch.contiguous_format)
+        results = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with ddf.use_backend("cpp"):
+                    results.append(torch.ops.ddf.ddf_backward(go, x, ch, sp, 3, 1, 1, 2, 0, norm, 1.0))
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
 # tolerances: ~2x the largest error of the float32-accumulating C++ kernels on these sweeps (measured 2026-11-24:
 # float32 2.3e-7, float16 4.2e-4, bfloat16 3.2e-3 relative to max |ref|)
 LOW_PRECISION_TOL = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}

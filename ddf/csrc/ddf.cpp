@@ -236,12 +236,400 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
 }
 
 // -------------------------------------------------------------------------------------------------------------
-// NCHW backward.
-//  pass 1, task per (b, c): grad_input plane (scatter into a plane-private buffer) and grad_channel[b, c, :].
-//  pass 2, task per (b, head, output row): grad_spatial[b, head*kk + j, y, :] summed over the head's channels.
+// Backward kernels. Both layouts compute the three gradients in ONE pass over grad_output and input: a task owns
+// a block of output rows [y0, y1) (its grad_spatial and a partial grad_channel) and the input rows [iy0, iy1) that
+// those rows start (its grad_input, gathered from output rows [ya, yb) = the block plus a halo of r*d/s rows).
+// Every output value is written by one task; grad_channel's per-block partial sums are reduced in block order, so
+// the result does not depend on the thread count. The spatial filter is normalised (FilterNorm, spatial_norm)
+// inside the task, and FilterNorm's backward is applied to the block's grad_spatial before it is written.
+
+#if defined(__GNUC__)
+#define DDF_INLINE inline __attribute__((always_inline))
+#else
+#define DDF_INLINE inline
+#endif
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+struct BwdRows {  // the rows of one backward task (see above)
+  int64_t y0, y1, iy0, iy1, ya, yb;
+};
+
+inline BwdRows bwd_rows(const GeoI& g, int64_t rb, int64_t R) {
+  BwdRows t;
+  t.y0 = rb * R;
+  t.y1 = std::min(g.Ho, t.y0 + R);
+  t.iy0 = t.y0 * g.s;
+  t.iy1 = std::min(g.H, t.y1 * g.s);  // the last block's y1 * s >= H
+  t.ya = std::max<int64_t>(0, -floor_div(-(t.iy0 - g.r * g.d), g.s));
+  t.yb = std::min(g.Ho, floor_div(t.iy1 - 1 + g.r * g.d, g.s) + 1);
+  return t;
+}
+
+// Output rows per backward task, from the geometry only (never the thread count): at most `cache_rows` (to keep
+// the per-task buffers near L2 size), about 32 tasks over `n_outer` (b or b*head) when the image allows, and at
+// least 4 rows so that the halo stays small.
+inline int64_t bwd_block_rows(const GeoI& g, int64_t cache_rows, int64_t n_outer) {
+  const int64_t want = std::max<int64_t>(1, (32 + n_outer - 1) / std::max<int64_t>(1, n_outer));
+  int64_t R = std::min(std::max<int64_t>(1, cache_rows), (g.Ho + want - 1) / want);
+  R = std::max<int64_t>(R, 4);
+  return std::max<int64_t>(1, std::min(R, g.Ho));
+}
+
+inline int64_t bwd_halo_rows(const GeoI& g, int64_t R) { return std::min(g.Ho, R + 2 * g.r * g.d / g.s + 2); }
+
+// `n` values of src in the accumulation type: src itself when it already is, else converted into buf.
+template <typename scalar_t>
+DDF_INLINE const at::opmath_type<scalar_t>* acc_view(const scalar_t* src, int64_t n,
+                                                     at::opmath_type<scalar_t>* DDF_RESTRICT buf) {
+  if constexpr (std::is_same<scalar_t, at::opmath_type<scalar_t>>::value) {
+    (void)n; (void)buf;
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<at::opmath_type<scalar_t>>(src[i]);
+    return buf;
+  }
+}
+
+// GCC vector of the accumulation type (8 floats or 4 doubles; the baseline clone splits it into SSE halves),
+// with unaligned, aliasing loads and stores. Other compilers get a 1-lane "vector" (the scalar type).
+#if defined(__GNUC__)
+template <typename acc_t>
+struct BwdVec {
+  typedef acc_t v __attribute__((vector_size(32)));
+  typedef acc_t vu __attribute__((vector_size(32), aligned(alignof(acc_t)), may_alias));
+  static constexpr int64_t n = 32 / sizeof(acc_t);
+  static DDF_INLINE v load(const acc_t* p) { return *reinterpret_cast<const vu*>(p); }
+  static DDF_INLINE void store(acc_t* p, v x) { *reinterpret_cast<vu*>(p) = x; }
+  static DDF_INLINE v splat(acc_t a) { return v{} + a; }
+  static DDF_INLINE acc_t sum(v x) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += x[i];
+    return s;
+  }
+};
+#define DDF_PREFETCH(p) __builtin_prefetch(p)
+#else
+template <typename acc_t>
+struct BwdVec {
+  typedef acc_t v;
+  static constexpr int64_t n = 1;
+  static inline v load(const acc_t* p) { return *p; }
+  static inline void store(acc_t* p, v x) { *p = x; }
+  static inline v splat(acc_t a) { return a; }
+  static inline acc_t sum(v x) { return x; }
+};
+#define DDF_PREFETCH(p) ((void)(p))
+#endif
+
+// Layout of the NCHW backward task buffers. Every row is padded: P zeros on the left, the data (Wo, or Wp = Wo
+// values per stride phase), zeros up to Wv (a multiple of the vector length), P zeros on the right, so that all
+// row loops run over whole vectors at any tap offset and padded taps read zeros.
+struct NchwBwdLayout {
+  int64_t V, Wv, P, SW, R, NS, NI;  // lanes, padded width, pad, row stride, block rows, spatial rows, input rows
+  // the taps jx whose input columns fall in stride phase p: phase_jx/phase_q[p * k + i] (jx, floor(off / s)),
+  // phase_cnt[p] of them
+  std::vector<int64_t> phase_jx, phase_q, phase_cnt;
+  NchwBwdLayout(const GeoI& g, int64_t R_, int64_t V_)
+      : V(V_), R(R_), phase_jx(g.s * g.k), phase_q(g.s * g.k), phase_cnt(g.s, 0) {
+    Wv = (g.Wo + V - 1) / V * V;
+    P = g.r * g.d / g.s + 1;
+    SW = P + Wv + P;
+    NS = bwd_halo_rows(g, R);
+    NI = (R - 1) * g.s + 2 * g.r * g.d + 1;
+    for (int64_t jx = 0; jx < g.k; ++jx) {
+      const int64_t off = (jx - g.r) * g.d, ph = ((off % g.s) + g.s) % g.s;
+      phase_jx[ph * g.k + phase_cnt[ph]] = jx;
+      phase_q[ph * g.k + phase_cnt[ph]++] = (off - ph) / g.s;
+    }
+  }
+};
+
+template <typename acc_t>
+struct NchwBwdScratch {
+  std::vector<acc_t> spn, gob, inb, gacc, stat, prow, gsum;
+  std::vector<int64_t> rows;
+  NchwBwdScratch(const GeoI& g, const NchwBwdLayout& L)
+      : spn(g.kk * L.NS * L.SW), gob(L.NS * L.SW), inb(L.NI * g.s * L.SW), gacc(g.kk * L.R * L.Wv),
+        stat(4 * L.NS * L.Wv), prow(g.s * L.Wv), gsum(g.kk * L.Wv), rows(2 * g.k) {}
+};
+
+// Zeroes buf's values of the taps that fall on the padding (rows y in [ylo, yhi) at buf + (y - ylo) * row_stride,
+// tap j at + j * tap_stride): the spatial filter there is never used (it may even be Inf/NaN) and its gradient is 0.
+template <typename acc_t>
+DDF_INLINE void zero_padded_taps(acc_t* buf, int64_t tap_stride, int64_t row_stride, int64_t ylo, int64_t yhi,
+                                 const GeoI& g) {
+  for (int64_t j = 0; j < g.kk; ++j) {
+    const int64_t jy = j / g.k, off = (j % g.k - g.r) * g.d;
+    int64_t x0, x1;
+    valid_range(off, g.s, g.W, g.Wo, x0, x1);
+    x0 = std::min(x0, g.Wo);  // valid_range may return x0 = x1 > Wo for an offset past the image
+    x1 = std::max(x0, std::min(x1, g.Wo));
+    for (int64_t y = ylo; y < yhi; ++y) {
+      acc_t* row = buf + j * tap_stride + (y - ylo) * row_stride;
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) {
+        std::fill(row, row + g.Wo, acc_t(0));
+      } else {
+        std::fill(row, row + x0, acc_t(0));
+        std::fill(row + x1, row + g.Wo, acc_t(0));
+      }
+    }
+  }
+}
+
+// The spatial filter rows [ya, yb) of one (b, head) into spn (row (j * NS + y - ya), data at offset P); with
+// `norm` normalised per pixel, keeping each pixel's mean and unbiased std in mean/sd[(y - ya) * Wv + x].
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_load_spatial(const scalar_t* spb, const GeoI& g, const NchwBwdLayout& L, int64_t ya,
+                                      int64_t yb, bool norm, at::opmath_type<scalar_t> gain,
+                                      NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HoWo = g.Ho * g.Wo;
+  acc_t *mean = ws.stat.data(), *sd = mean + L.NS * L.Wv;
+  for (int64_t y = ya; y < yb; ++y) {
+    const int64_t yy = y - ya;
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const scalar_t* DDF_RESTRICT s = spb + j * HoWo + y * g.Wo;
+      acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<acc_t>(s[x]);
+    }
+    if (!norm) continue;
+    acc_t* DDF_RESTRICT m = mean + yy * L.Wv;
+    acc_t* DDF_RESTRICT v = sd + yy * L.Wv;
+    std::fill(m, m + g.Wo, acc_t(0));
+    std::fill(v, v + g.Wo, acc_t(0));
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) m[x] += d[x];
+    }
+    for (int64_t x = 0; x < g.Wo; ++x) m[x] /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) v[x] += (d[x] - m[x]) * (d[x] - m[x]);
+    }
+    for (int64_t x = 0; x < g.Wo; ++x) v[x] = std::sqrt(v[x] / acc_t(g.kk - 1));
+    for (int64_t j = 0; j < g.kk; ++j) {
+      acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
+      for (int64_t x = 0; x < g.Wo; ++x) d[x] = (d[x] - m[x]) * (gain / (v[x] + acc_t(kFilterNormEps)));
+    }
+  }
+  zero_padded_taps(ws.spn.data() + L.P, L.NS * L.SW, L.SW, ya, yb, g);
+}
+
+// grad_spatial of the block (gacc, row (j * R + y - y0), stride Wv) written to dst (rows of Wo, plane stride
+// HoWo); with `norm` mapped to the raw taps first (FilterNorm backward, see ddf/reference.py:_filter_norm_backward):
+// with c = raw - mean, a = sd + eps, g = gain * G:  d raw_j = (g_j - mean(g)) / a - c_j * sum(g c) / ((kk-1) sd a^2)
+// (the second term 0 where sd = 0).
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_store_spatial(const scalar_t* spb, const GeoI& g, const NchwBwdLayout& L, int64_t ya,
+                                       int64_t y0, int64_t y1, bool norm, at::opmath_type<scalar_t> gain,
+                                       scalar_t* gspb, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HoWo = g.Ho * g.Wo;
+  zero_padded_taps(ws.gacc.data(), L.R * L.Wv, L.Wv, y0, y1, g);
+  const acc_t *mean = ws.stat.data(), *sd = mean + L.NS * L.Wv;
+  acc_t *sg = ws.stat.data() + 2 * L.NS * L.Wv, *sgc = sg + L.NS * L.Wv;
+  for (int64_t y = y0; y < y1; ++y) {
+    const acc_t* G = ws.gacc.data() + (y - y0) * L.Wv;
+    const acc_t* DDF_RESTRICT m = mean + (y - ya) * L.Wv;
+    const acc_t* DDF_RESTRICT v = sd + (y - ya) * L.Wv;
+    if (norm) {
+      std::fill(sg, sg + g.Wo, acc_t(0));
+      std::fill(sgc, sgc + g.Wo, acc_t(0));
+      for (int64_t j = 0; j < g.kk; ++j) {
+        const scalar_t* DDF_RESTRICT raw = spb + j * HoWo + y * g.Wo;
+        const acc_t* DDF_RESTRICT Gj = G + j * L.R * L.Wv;
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          sg[x] += gain * Gj[x];
+          sgc[x] += gain * Gj[x] * (static_cast<acc_t>(raw[x]) - m[x]);
+        }
+      }
+      for (int64_t x = 0; x < g.Wo; ++x) {
+        const acc_t a = v[x] + acc_t(kFilterNormEps);
+        sgc[x] = v[x] > acc_t(0) ? sgc[x] / (acc_t(g.kk - 1) * v[x] * a * a) : acc_t(0);
+        sg[x] /= acc_t(g.kk);
+      }
+    }
+    for (int64_t j = 0; j < g.kk; ++j) {
+      const scalar_t* DDF_RESTRICT raw = spb + j * HoWo + y * g.Wo;
+      const acc_t* DDF_RESTRICT Gj = G + j * L.R * L.Wv;
+      scalar_t* DDF_RESTRICT d = gspb + j * HoWo + y * g.Wo;
+      if (!norm) {
+        for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<scalar_t>(Gj[x]);
+      } else {
+        for (int64_t x = 0; x < g.Wo; ++x)
+          d[x] = static_cast<scalar_t>((gain * Gj[x] - sg[x]) / (v[x] + acc_t(kFilterNormEps)) -
+                                       (static_cast<acc_t>(raw[x]) - m[x]) * sgc[x]);
+      }
+    }
+  }
+}
+
+// One channel's grad_output rows [ya, yb) and input rows [y0*s - r*d, (y1-1)*s + r*d] into the padded task
+// buffers (input rows split into s stride phases: phase p holds columns p, p+s, ...). Rows outside the image are
+// skipped by the loops that would read them.
+template <typename scalar_t>
+DDF_INLINE void nchw_bwd_load_channel(const scalar_t* in, const scalar_t* go, const GeoI& g, const NchwBwdLayout& L,
+                                      const BwdRows& t, NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t y = t.ya; y < t.yb; ++y) {
+    const scalar_t* DDF_RESTRICT s = go + y * g.Wo;
+    acc_t* DDF_RESTRICT d = ws.gob.data() + (y - t.ya) * L.SW + L.P;
+    for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<acc_t>(s[x]);
+  }
+  const int64_t ylo = t.y0 * g.s - g.r * g.d;
+  for (int64_t i = 0; i < (t.y1 - 1 - t.y0) * g.s + 2 * g.r * g.d + 1; ++i) {
+    const int64_t iy = ylo + i;
+    if (iy < 0 || iy >= g.H) continue;
+    const scalar_t* DDF_RESTRICT s = in + iy * g.W;
+    acc_t* DDF_RESTRICT d = ws.inb.data() + i * g.s * L.SW + L.P;
+    if (g.s == 1) {
+      for (int64_t x = 0; x < g.W; ++x) d[x] = static_cast<acc_t>(s[x]);
+    } else {
+      for (int64_t p = 0; p < g.s; ++p)
+        for (int64_t m = 0; p + m * g.s < g.W; ++m) d[p * L.SW + m] = static_cast<acc_t>(s[p + m * g.s]);
+    }
+  }
+}
+
+// Prefetch of the next channel's rows that nchw_bwd_load_channel will read (short row blocks of many planes are
+// not followed by the hardware prefetcher early enough).
+template <typename scalar_t>
+DDF_INLINE void bwd_prefetch_channel(const scalar_t* in, const scalar_t* go, const GeoI& g, const BwdRows& t) {
+  constexpr int64_t step = 64 / sizeof(scalar_t);
+  const char* gp = reinterpret_cast<const char*>(go + t.ya * g.Wo);
+  for (int64_t i = 0; i < (t.yb - t.ya) * g.Wo; i += step) DDF_PREFETCH(gp + i * sizeof(scalar_t));
+  const int64_t lo = std::max<int64_t>(0, t.y0 * g.s - g.r * g.d);
+  const int64_t hi = std::min(g.H, (t.y1 - 1) * g.s + g.r * g.d + 1);
+  const char* ip = reinterpret_cast<const char*>(in + lo * g.W);
+  for (int64_t i = 0; i < (hi - lo) * g.W; i += step) DDF_PREFETCH(ip + i * sizeof(scalar_t));
+}
+
+// Offset of the contiguous view of tap offset `off` in a phase-split row: phase (off mod s), shifted floor(off/s).
+DDF_INLINE int64_t phase_offset(int64_t off, int64_t s, int64_t SW) {
+  const int64_t ph = ((off % s) + s) % s;
+  return ph * SW + (off - ph) / s;
+}
+
+// grad_spatial (accumulated into gacc) and grad_channel (gcv[j]) of one channel over the block's output rows.
+// Loop order: row > tap > x-vector; grad_channel is summed per (tap, x) in gsum and reduced once per channel
+// (no loop-carried dependency in the x loop).
+template <typename acc_t, bool MUL>
+DDF_INLINE void nchw_filter_grads(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t, const acc_t* chv,
+                                  acc_t* gcv, NchwBwdScratch<acc_t>& ws) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;  // loop bounds in locals: the may_alias vector stores would force reloads
+  const int64_t Wv = L.Wv;
+  acc_t* gsum = ws.gsum.data();
+  std::fill(ws.gsum.begin(), ws.gsum.end(), acc_t(0));
+  for (int64_t y = t.y0; y < t.y1; ++y) {
+    const acc_t* gor = ws.gob.data() + (y - t.ya) * L.SW + L.P;
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) continue;
+      const acc_t* inr = ws.inb.data() + ((y - t.y0) * g.s + jy * g.d) * g.s * L.SW + L.P;
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t j = jy * g.k + jx;
+        const acc_t* src = inr + phase_offset((jx - g.r) * g.d, g.s, L.SW);
+        const acc_t* spr = ws.spn.data() + (j * L.NS + y - t.ya) * L.SW + L.P;
+        acc_t* acc = ws.gacc.data() + (j * L.R + y - t.y0) * L.Wv;
+        const vec cj = VT::splat(chv[j]);
+        acc_t* gs = gsum + j * Wv;
+        for (int64_t x = 0; x < Wv; x += V) {
+          const vec v = VT::load(gor + x) * VT::load(src + x);
+          VT::store(acc + x, VT::load(acc + x) + (MUL ? v * cj : v));
+          VT::store(gs + x, VT::load(gs + x) + (MUL ? v * VT::load(spr + x) : v));
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < g.kk; ++j) {
+    vec s = VT::load(gsum + j * Wv);
+    for (int64_t x = V; x < Wv; x += V) s += VT::load(gsum + j * Wv + x);
+    gcv[j] = VT::sum(s);
+  }
+}
+
+// grad_input of one channel over the block's input rows, gathered from the output rows that read each row.
+// Loop order: input row > stride phase > taps of that phase > x-vector, accumulated in a row buffer (no
+// loop-carried dependency in the x loop) and written once. The taps that read an input row (jy) and those of a
+// stride phase (jx, from L.phase_*) are listed up front.
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nchw_input_grads(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t,
+                                 const at::opmath_type<scalar_t>* chv, scalar_t* gi,
+                                 NchwBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  int64_t* rows_jy = ws.rows.data();
+  int64_t* rows_yy = rows_jy + g.k;
+  const int64_t tap_stride = L.NS * L.SW, Wv = L.Wv;
+  for (int64_t iy = t.iy0; iy < t.iy1; ++iy) {
+    int64_t nrows = 0;
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t ty = iy - (jy - g.r) * g.d;
+      if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
+      rows_jy[nrows] = jy;
+      rows_yy[nrows++] = ty / g.s - t.ya;
+    }
+    for (int64_t p = 0; p < g.s; ++p) {
+      const int64_t cnt = L.phase_cnt[p];
+      const int64_t* pjx = L.phase_jx.data() + p * g.k;
+      const int64_t* pq = L.phase_q.data() + p * g.k;
+      acc_t* pr = ws.prow.data() + p * Wv;
+      std::fill(pr, pr + Wv, acc_t(0));
+      for (int64_t e = 0; e < nrows; ++e) {
+        const int64_t jy = rows_jy[e], yy = rows_yy[e];
+        const acc_t* gor = ws.gob.data() + yy * L.SW + L.P;
+        const acc_t* spr = ws.spn.data() + (jy * g.k * L.NS + yy) * L.SW + L.P;
+        int64_t i = 0;
+        for (; i + 3 <= cnt; i += 3) {  // three taps per pass over the row buffer (k = 3, stride 1: all of them)
+          const acc_t *g0 = gor - pq[i], *g1 = gor - pq[i + 1], *g2 = gor - pq[i + 2];
+          const acc_t* s0 = spr + pjx[i] * tap_stride - pq[i];
+          const acc_t* s1 = spr + pjx[i + 1] * tap_stride - pq[i + 1];
+          const acc_t* s2 = spr + pjx[i + 2] * tap_stride - pq[i + 2];
+          const acc_t c0 = chv[jy * g.k + pjx[i]], c1 = chv[jy * g.k + pjx[i + 1]], c2 = chv[jy * g.k + pjx[i + 2]];
+          for (int64_t m = 0; m < Wv; m += VT::n) {
+            const vec v0 = VT::load(s0 + m), v1 = VT::load(s1 + m), v2 = VT::load(s2 + m);
+            const vec t0 = VT::load(g0 + m) * (MUL ? v0 * c0 : v0 + c0);
+            const vec t1 = VT::load(g1 + m) * (MUL ? v1 * c1 : v1 + c1);
+            const vec t2 = VT::load(g2 + m) * (MUL ? v2 * c2 : v2 + c2);
+            VT::store(pr + m, VT::load(pr + m) + (t0 + t1 + t2));
+          }
+        }
+        for (; i < cnt; ++i) {
+          const int64_t jx = pjx[i], q = pq[i];
+          const acc_t* gq = gor - q;
+          const acc_t* sq = spr + jx * tap_stride - q;
+          const acc_t cj = chv[jy * g.k + jx];
+          for (int64_t m = 0; m < Wv; m += VT::n) {
+            const vec sv = VT::load(sq + m);
+            VT::store(pr + m, VT::load(pr + m) + VT::load(gq + m) * (MUL ? sv * cj : sv + cj));
+          }
+        }
+      }
+    }
+    scalar_t* DDF_RESTRICT out = gi + iy * g.W;
+    const acc_t* DDF_RESTRICT row = ws.prow.data();
+    if (g.s == 1) {
+      for (int64_t ix = 0; ix < g.W; ++ix) out[ix] = static_cast<scalar_t>(row[ix]);
+    } else {
+      for (int64_t p = 0; p < g.s; ++p)
+        for (int64_t m = 0; p + m * g.s < g.W; ++m) out[p + m * g.s] = static_cast<scalar_t>(row[p * L.Wv + m]);
+    }
+  }
+}
+
+// NCHW backward: one task per (b, head, block of R output rows) (see the section comment).
+// Loop order: channel of the head (outer) > row > tap > x-vector (inner). Channel-outer streams each channel's rows
+// of grad_output / input / grad_input from memory once (plus the halo rows at block edges) into small padded
+// buffers, while the block's spatial filter (normalised with `norm`) and its grad_spatial accumulator stay in cache
+// for all the head's channels; grad_spatial is written once per block.
 template <typename scalar_t, bool MUL>
 void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& gin,
-                   Tensor& gch, Tensor& gsp, const GeoI g) {
+                   Tensor& gch, Tensor& gsp, const GeoI g, bool norm, double gain) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* go_data = gout.const_data_ptr<scalar_t>();
   const scalar_t* in_data = input.const_data_ptr<scalar_t>();
@@ -251,221 +639,292 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
   scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
   const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
-
-  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> plane(HW);
+  const int64_t R = bwd_block_rows(g, 12288 / std::max<int64_t>(1, g.kk * g.Wo), g.B * g.head);
+  const int64_t n_rb = (g.Ho + R - 1) / R;
+  const NchwBwdLayout L(g, R, BwdVec<acc_t>::n);
+  std::vector<acc_t> partial(g.B * g.C * n_rb * g.kk);
+  const acc_t gn = static_cast<acc_t>(gain);
+  at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
+    NchwBwdScratch<acc_t> ws(g, L);
     std::vector<acc_t> chv(g.kk), gcv(g.kk);
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C, h = c / g.Cg;
-      const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
-      const scalar_t* DDF_RESTRICT go = go_data + bc * HoWo;
-      const scalar_t* spb = sp_data + (b * g.head + h) * g.kk * HoWo;
-      for (int64_t j = 0; j < g.kk; ++j) {
-        chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
-        gcv[j] = acc_t(0);
-      }
-      std::fill(plane.begin(), plane.end(), acc_t(0));
-      acc_t* DDF_RESTRICT gp = plane.data();
-      for (int64_t y = 0; y < g.Ho; ++y) {
-        const scalar_t* DDF_RESTRICT go_row = go + y * g.Wo;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          if (iy < 0 || iy >= g.H) continue;
-          const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
-          acc_t* DDF_RESTRICT gp_row = gp + iy * g.W;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t j = jy * g.k + jx;
-            const int64_t off = (jx - g.r) * g.d;
-            int64_t x0, x1;
-            valid_range(off, g.s, g.W, g.Wo, x0, x1);
-            const scalar_t* DDF_RESTRICT sp_row = spb + j * HoWo + y * g.Wo;
-            const acc_t cj = chv[j];
-            acc_t sum = 0;
-            if (g.s == 1) {
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t sv = static_cast<acc_t>(sp_row[x]);
-                const acc_t gv = static_cast<acc_t>(go_row[x]);
-                gp_row[x + off] += gv * (MUL ? sv * cj : sv + cj);
-              }
-            } else {
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t sv = static_cast<acc_t>(sp_row[x]);
-                const acc_t gv = static_cast<acc_t>(go_row[x]);
-                gp_row[x * g.s + off] += gv * (MUL ? sv * cj : sv + cj);
-              }
-            }
-            if (g.s == 1) {
-              const scalar_t* DDF_RESTRICT src = in_row + off;
-              DDF_SIMD_SUM(sum)
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(src[x]);
-                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
-              }
-            } else {
-              DDF_SIMD_SUM(sum)
-              for (int64_t x = x0; x < x1; ++x) {
-                const acc_t gv = static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]);
-                sum += MUL ? gv * static_cast<acc_t>(sp_row[x]) : gv;
-              }
-            }
-            gcv[j] += sum;
-          }
-        }
-      }
-      scalar_t* DDF_RESTRICT gi = gin_data + bc * HW;
-      for (int64_t i = 0; i < HW; ++i) gi[i] = static_cast<scalar_t>(gp[i]);
-      for (int64_t j = 0; j < g.kk; ++j) gch_data[bc * g.kk + j] = static_cast<scalar_t>(gcv[j]);
-    }
-  });
-
-  at::parallel_for(0, g.B * g.head * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> buf(g.kk * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t y = task % g.Ho, bh = task / g.Ho, b = bh / g.head, h = bh % g.head;
-      std::fill(buf.begin(), buf.end(), acc_t(0));
-      for (int64_t cg = 0; cg < g.Cg; ++cg) {
-        const int64_t bc = b * g.C + h * g.Cg + cg;
-        const scalar_t* DDF_RESTRICT in = in_data + bc * HW;
-        const scalar_t* DDF_RESTRICT go_row = go_data + bc * HoWo + y * g.Wo;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          if (iy < 0 || iy >= g.H) continue;
-          const scalar_t* DDF_RESTRICT in_row = in + iy * g.W;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t j = jy * g.k + jx;
-            const int64_t off = (jx - g.r) * g.d;
-            int64_t x0, x1;
-            valid_range(off, g.s, g.W, g.Wo, x0, x1);
-            acc_t* DDF_RESTRICT bj = buf.data() + j * g.Wo;
-            const acc_t cj = MUL ? static_cast<acc_t>(ch_data[bc * g.kk + j]) : acc_t(1);
-            if (g.s == 1) {
-              const scalar_t* DDF_RESTRICT src = in_row + off;
-              for (int64_t x = x0; x < x1; ++x)
-                bj[x] += static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(src[x]) * cj;
-            } else {
-              for (int64_t x = x0; x < x1; ++x)
-                bj[x] += static_cast<acc_t>(go_row[x]) * static_cast<acc_t>(in_row[x * g.s + off]) * cj;
-            }
-          }
-        }
+      const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
+      const BwdRows t = bwd_rows(g, rb, R);
+      const scalar_t* spb = sp_data + bh * g.kk * HoWo;
+      nchw_bwd_load_spatial<scalar_t>(spb, g, L, t.ya, t.yb, norm, gn, ws);
+      std::fill(ws.gacc.begin(), ws.gacc.end(), acc_t(0));
+      for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
+        const int64_t bc = b * g.C + c;
+        for (int64_t j = 0; j < g.kk; ++j) chv[j] = static_cast<acc_t>(ch_data[bc * g.kk + j]);
+        nchw_bwd_load_channel<scalar_t>(in_data + bc * HW, go_data + bc * HoWo, g, L, t, ws);
+        if (c + 1 < (h + 1) * g.Cg) bwd_prefetch_channel(in_data + (bc + 1) * HW, go_data + (bc + 1) * HoWo, g, t);
+        nchw_filter_grads<acc_t, MUL>(g, L, t, chv.data(), gcv.data(), ws);
+        nchw_input_grads<scalar_t, MUL>(g, L, t, chv.data(), gin_data + bc * HW, ws);
+        for (int64_t j = 0; j < g.kk; ++j) partial[(bc * n_rb + rb) * g.kk + j] = gcv[j];
       }
-      for (int64_t j = 0; j < g.kk; ++j) {
-        scalar_t* DDF_RESTRICT dst = gsp_data + ((b * g.head + h) * g.kk + j) * HoWo + y * g.Wo;
-        const acc_t* DDF_RESTRICT src = buf.data() + j * g.Wo;
-        for (int64_t x = 0; x < g.Wo; ++x) dst[x] = static_cast<scalar_t>(src[x]);
-      }
+      nchw_bwd_store_spatial<scalar_t>(spb, g, L, t.ya, t.y0, t.y1, norm, gn, gsp_data + bh * g.kk * HoWo, ws);
     }
   });
+  for (int64_t bc = 0; bc < g.B * g.C; ++bc)
+    for (int64_t j = 0; j < g.kk; ++j) {
+      acc_t sum = 0;
+      for (int64_t rb = 0; rb < n_rb; ++rb) sum += partial[(bc * n_rb + rb) * g.kk + j];
+      gch_data[bc * g.kk + j] = static_cast<scalar_t>(sum);
+    }
 }
 
-// NHWC backward.
-//  pass 1, task per (b, output row): grad_spatial (sum over a head's channels, owned by the pixel) and per-row
-//          partial sums of grad_channel, reduced afterwards per (b, c).
-//  pass 2, task per (b, input row): grad_input gathered from the output pixels that read it.
+// The head*kk taps of one pixel (filter channel stride ssC) as acc_t in v[t]; with `norm` normalised per head,
+// with the head's mean and unbiased std kept in stat[2 * h], stat[2 * h + 1].
+template <typename scalar_t>
+DDF_INLINE void bwd_load_pixel(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm,
+                               at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT v,
+                               at::opmath_type<scalar_t>* DDF_RESTRICT stat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = 0; t < g.head * g.kk; ++t) v[t] = static_cast<acc_t>(spp[t * ssC]);
+  if (!norm) return;
+  for (int64_t h = 0; h < g.head; ++h) {
+    acc_t* DDF_RESTRICT u = v + h * g.kk;
+    acc_t mean = 0, var = 0;
+    for (int64_t j = 0; j < g.kk; ++j) mean += u[j];
+    mean /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j) var += (u[j] - mean) * (u[j] - mean);
+    const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
+    const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
+    for (int64_t j = 0; j < g.kk; ++j) u[j] = (u[j] - mean) * scale;
+    stat[2 * h] = mean;
+    stat[2 * h + 1] = sd;
+  }
+}
+
+// grad_spatial of one pixel (G[t], t = h * kk + j) written through stride tsC; with `norm` mapped to the raw taps
+// (FilterNorm backward, as bwd_store_planar).
+template <typename scalar_t>
+DDF_INLINE void bwd_store_pixel(const at::opmath_type<scalar_t>* DDF_RESTRICT G, const scalar_t* raw, int64_t ssC,
+                                const at::opmath_type<scalar_t>* DDF_RESTRICT stat, const GeoI& g, bool norm,
+                                at::opmath_type<scalar_t> gain, scalar_t* dst, int64_t tsC) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!norm) {
+    for (int64_t t = 0; t < g.head * g.kk; ++t) dst[t * tsC] = static_cast<scalar_t>(G[t]);
+    return;
+  }
+  for (int64_t h = 0; h < g.head; ++h) {
+    const int64_t t0 = h * g.kk;
+    const acc_t mean = stat[2 * h], sd = stat[2 * h + 1], a = sd + acc_t(kFilterNormEps);
+    acc_t sg = 0, sgc = 0;
+    for (int64_t j = 0; j < g.kk; ++j) {
+      sg += gain * G[t0 + j];
+      sgc += gain * G[t0 + j] * (static_cast<acc_t>(raw[(t0 + j) * ssC]) - mean);
+    }
+    const acc_t coef = sd > acc_t(0) ? sgc / (acc_t(g.kk - 1) * sd * a * a) : acc_t(0);
+    sg /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j)
+      dst[(t0 + j) * tsC] = static_cast<scalar_t>((gain * G[t0 + j] - sg) / a -
+                                                  (static_cast<acc_t>(raw[(t0 + j) * ssC]) - mean) * coef);
+  }
+}
+
+// Strides and pointers of the NHWC backward (channel stride 1 for input, grad_output and grad_input).
+template <typename scalar_t>
+struct NhwcBwdArgs {
+  const scalar_t *go, *in, *sp;
+  scalar_t *gin, *gsp;
+  int64_t isB, isH, isW, gsB, gsH, gsW, ssB, ssC, ssH, ssW, tsB, tsC, tsH, tsW, nsB, nsH, nsW;
+};
+
+template <typename scalar_t>
+NhwcBwdArgs<scalar_t> nhwc_bwd_args(const Tensor& gout, const Tensor& input, const Tensor& sp, Tensor& gin,
+                                    Tensor& gsp) {
+  NhwcBwdArgs<scalar_t> a;
+  a.go = gout.const_data_ptr<scalar_t>(); a.in = input.const_data_ptr<scalar_t>();
+  a.sp = sp.const_data_ptr<scalar_t>(); a.gin = gin.mutable_data_ptr<scalar_t>();
+  a.gsp = gsp.mutable_data_ptr<scalar_t>();
+  a.isB = input.stride(0); a.isH = input.stride(2); a.isW = input.stride(3);
+  a.gsB = gout.stride(0); a.gsH = gout.stride(2); a.gsW = gout.stride(3);
+  a.ssB = sp.stride(0); a.ssC = sp.stride(1); a.ssH = sp.stride(2); a.ssW = sp.stride(3);
+  a.tsB = gsp.stride(0); a.tsC = gsp.stride(1); a.tsH = gsp.stride(2); a.tsW = gsp.stride(3);
+  a.nsB = gin.stride(0); a.nsH = gin.stride(2); a.nsW = gin.stride(3);
+  return a;
+}
+
+// Per-thread scratch of the NHWC backward.
+template <typename acc_t>
+struct NhwcBwdScratch {
+  std::vector<acc_t> spn, stat, G, acc, go_buf, in_buf, go_taps, tap_sp;
+  std::vector<const acc_t*> tap_go, tap_ch;  // the valid taps of one grad_input pixel
+  NhwcBwdScratch(const GeoI& g, int64_t R)
+      : spn(bwd_halo_rows(g, R) * g.Wo * g.head * g.kk), stat(bwd_halo_rows(g, R) * g.Wo * g.head * 2),
+        G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C),
+        go_taps(g.kk * g.C),  // converted grad_output pixels (half types)
+        tap_sp(g.kk * g.head), tap_go(g.kk), tap_ch(g.kk) {}
+};
+
+// One tap of one pixel over channels [c0, c1): returns sum_c go*in*ch (grad_spatial; go*in for 'add') and adds
+// go*in*sp (go*in) to the grad_channel partial sums pj. Two vector accumulators (two vectors per iteration) halve
+// the dependency chain of the sum; the remainder is scalar.
+template <typename acc_t, bool MUL>
+DDF_INLINE acc_t nhwc_tap_sum(const acc_t* DDF_RESTRICT gp, const acc_t* DDF_RESTRICT px, const acc_t* DDF_RESTRICT cj,
+                              acc_t* DDF_RESTRICT pj, acc_t sv, int64_t c0, int64_t c1) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;
+  vec s0 = VT::splat(0), s1 = VT::splat(0);
+  int64_t c = c0;
+  for (; c + 2 * V <= c1; c += 2 * V) {
+    const vec v0 = VT::load(gp + c) * VT::load(px + c), v1 = VT::load(gp + c + V) * VT::load(px + c + V);
+    s0 += MUL ? v0 * VT::load(cj + c) : v0;
+    s1 += MUL ? v1 * VT::load(cj + c + V) : v1;
+    VT::store(pj + c, VT::load(pj + c) + (MUL ? v0 * sv : v0));
+    VT::store(pj + c + V, VT::load(pj + c + V) + (MUL ? v1 * sv : v1));
+  }
+  acc_t sum = VT::sum(s0 + s1);
+  for (; c < c1; ++c) {
+    const acc_t v = gp[c] * px[c];
+    sum += MUL ? v * cj[c] : v;
+    pj[c] += MUL ? v * sv : v;
+  }
+  return sum;
+}
+
+// grad_spatial of output row y (written) and its grad_channel contributions (part[j * C + c]).
+// Loop order: x > tap > head > channel (inner, vectorised; the head's channel sum is grad_spatial of the tap).
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nhwc_filter_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
+                                      int64_t y, const at::opmath_type<scalar_t>* chb, bool norm,
+                                      at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* part,
+                                      NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t hkk = g.head * g.kk;
+  acc_t* DDF_RESTRICT G = ws.G.data();
+  for (int64_t x = 0; x < g.Wo; ++x) {
+    const int64_t pix = (y - t.ya) * g.Wo + x;
+    const acc_t* DDF_RESTRICT taps = ws.spn.data() + pix * hkk;
+    const acc_t* DDF_RESTRICT gp = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_buf.data());
+    std::fill(G, G + hkk, acc_t(0));
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) continue;
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t ix = x * g.s + (jx - g.r) * g.d, j = jy * g.k + jx;
+        if (ix < 0 || ix >= g.W) continue;
+        const acc_t* DDF_RESTRICT px = acc_view(A.in + b * A.isB + iy * A.isH + ix * A.isW, g.C, ws.in_buf.data());
+        const acc_t* DDF_RESTRICT cj = chb + j * g.C;
+        acc_t* DDF_RESTRICT pj = part + j * g.C;
+        for (int64_t h = 0; h < g.head; ++h)
+          G[h * g.kk + j] = nhwc_tap_sum<acc_t, MUL>(gp, px, cj, pj, taps[h * g.kk + j], h * g.Cg, (h + 1) * g.Cg);
+      }
+    }
+    bwd_store_pixel<scalar_t>(G, A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, ws.stat.data() + pix * g.head * 2,
+                              g, norm, gain, A.gsp + b * A.tsB + y * A.tsH + x * A.tsW, A.tsC);
+  }
+}
+
+// grad_input of input row iy, gathered per pixel from the output pixels that read it.
+// Loop order: ix > head > channel vector pair (two register accumulators) > the pixel's valid taps (listed first:
+// grad_output pixel, channel filter row, spatial tap per head), so each tap costs two loads and two vector
+// operations and the result is stored once.
+template <typename scalar_t, bool MUL>
+DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
+                                     int64_t iy, const at::opmath_type<scalar_t>* chb,
+                                     NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;
+  const int64_t hkk = g.head * g.kk;
+  acc_t* DDF_RESTRICT acc = ws.acc.data();
+  const acc_t** tgp = ws.tap_go.data();
+  const acc_t** tcj = ws.tap_ch.data();
+  acc_t* tsv = ws.tap_sp.data();
+  for (int64_t ix = 0; ix < g.W; ++ix) {
+    int64_t nt = 0;
+    for (int64_t jy = 0; jy < g.k; ++jy) {
+      const int64_t ty = iy - (jy - g.r) * g.d;
+      if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.Ho) continue;
+      const int64_t y = ty / g.s;
+      for (int64_t jx = 0; jx < g.k; ++jx) {
+        const int64_t tx = ix - (jx - g.r) * g.d, j = jy * g.k + jx;
+        if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.Wo) continue;
+        const int64_t x = tx / g.s;
+        tgp[nt] = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_taps.data() + nt * g.C);
+        tcj[nt] = chb + j * g.C;
+        const acc_t* taps = ws.spn.data() + ((y - t.ya) * g.Wo + x) * hkk;
+        for (int64_t h = 0; h < g.head; ++h) tsv[nt * g.head + h] = taps[h * g.kk + j];
+        ++nt;
+      }
+    }
+    for (int64_t h = 0; h < g.head; ++h) {
+      const int64_t c1 = (h + 1) * g.Cg;
+      int64_t c = h * g.Cg;
+      for (; c + 2 * V <= c1; c += 2 * V) {
+        vec a0 = VT::splat(0), a1 = VT::splat(0);
+        for (int64_t e = 0; e < nt; ++e) {
+          const acc_t sv = tsv[e * g.head + h];
+          const acc_t *gp = tgp[e] + c, *cj = tcj[e] + c;
+          a0 += VT::load(gp) * (MUL ? VT::load(cj) * sv : VT::load(cj) + sv);
+          a1 += VT::load(gp + V) * (MUL ? VT::load(cj + V) * sv : VT::load(cj + V) + sv);
+        }
+        VT::store(acc + c, a0);
+        VT::store(acc + c + V, a1);
+      }
+      for (; c < c1; ++c) {
+        acc_t a = 0;
+        for (int64_t e = 0; e < nt; ++e) {
+          const acc_t sv = tsv[e * g.head + h];
+          a += tgp[e][c] * (MUL ? sv * tcj[e][c] : sv + tcj[e][c]);
+        }
+        acc[c] = a;
+      }
+    }
+    scalar_t* DDF_RESTRICT dst = A.gin + b * A.nsB + iy * A.nsH + ix * A.nsW;
+    for (int64_t c = 0; c < g.C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+  }
+}
+
+// NHWC backward: one task per (b, block of R output rows) (see the section comment).
+// Loop order: output row y > [grad_spatial + grad_channel of row y, then grad_input of input rows y*s .. y*s+s-1]
+// > pixel > tap > head > channel (inner, vectorised: channels are contiguous). Interleaving the two parts row by
+// row keeps the few rows of grad_output / input that both read in cache; the block's taps are loaded (and
+// normalised) once, with the halo rows that grad_input needs.
 template <typename scalar_t, bool MUL>
 void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& gin,
-                   Tensor& gch, Tensor& gsp, const GeoI g) {
+                   Tensor& gch, Tensor& gsp, const GeoI g, bool norm, double gain) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* go_data = gout.const_data_ptr<scalar_t>();
-  const scalar_t* in_data = input.const_data_ptr<scalar_t>();
-  const scalar_t* sp_data = sp.const_data_ptr<scalar_t>();
-  scalar_t* gin_data = gin.mutable_data_ptr<scalar_t>();
+  const NhwcBwdArgs<scalar_t> A = nhwc_bwd_args<scalar_t>(gout, input, sp, gin, gsp);
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
-  scalar_t* gsp_data = gsp.mutable_data_ptr<scalar_t>();
   const auto chT = transpose_channel_filter<scalar_t>(ch, g);
-  const int64_t isB = input.stride(0), isH = input.stride(2), isW = input.stride(3);
-  const int64_t gsB = gout.stride(0), gsH = gout.stride(2), gsW = gout.stride(3);
-  const int64_t ssB = sp.stride(0), ssC = sp.stride(1), ssH = sp.stride(2), ssW = sp.stride(3);
-  const int64_t tsB = gsp.stride(0), tsC = gsp.stride(1), tsH = gsp.stride(2), tsW = gsp.stride(3);
-  const int64_t nsB = gin.stride(0), nsH = gin.stride(2), nsW = gin.stride(3);
-  const int64_t kkC = g.kk * g.C;
-  std::vector<acc_t> partial(g.B * g.Ho * kkC);
-
-  at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    for (int64_t by = begin; by < end; ++by) {
-      const int64_t b = by / g.Ho, y = by % g.Ho;
-      const acc_t* chb = chT.data() + b * kkC;
-      acc_t* DDF_RESTRICT part = partial.data() + by * kkC;
-      std::fill(part, part + kkC, acc_t(0));
-      for (int64_t x = 0; x < g.Wo; ++x) {
-        const scalar_t* spp = sp_data + b * ssB + y * ssH + x * ssW;
-        scalar_t* tp = gsp_data + b * tsB + y * tsH + x * tsW;
-        const scalar_t* DDF_RESTRICT gp = go_data + b * gsB + y * gsH + x * gsW;
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t iy = y * g.s + (jy - g.r) * g.d;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t ix = x * g.s + (jx - g.r) * g.d;
-            const int64_t j = jy * g.k + jx;
-            if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) {
-              for (int64_t h = 0; h < g.head; ++h) tp[(h * g.kk + j) * tsC] = scalar_t(0);
-              continue;
-            }
-            const scalar_t* DDF_RESTRICT px = in_data + b * isB + iy * isH + ix * isW;
-            const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-            acc_t* DDF_RESTRICT pj = part + j * g.C;
-            for (int64_t h = 0; h < g.head; ++h) {
-              const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
-              const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
-              acc_t sum = 0;
-              DDF_SIMD_SUM(sum)
-              for (int64_t c = c0; c < c1; ++c) {
-                const acc_t gi = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(px[c]);
-                sum += MUL ? gi * cj[c] : gi;
-                pj[c] += MUL ? gi * sv : gi;
-              }
-              tp[(h * g.kk + j) * tsC] = static_cast<scalar_t>(sum);
-            }
-          }
+  const int64_t kkC = g.kk * g.C, hkk = g.head * g.kk;
+  const int64_t R = bwd_block_rows(g, g.Ho, g.B);
+  const int64_t n_rb = (g.Ho + R - 1) / R;
+  std::vector<acc_t> partial(g.B * n_rb * kkC);
+  const acc_t gn = static_cast<acc_t>(gain);
+  at::parallel_for(0, g.B * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
+    NhwcBwdScratch<acc_t> ws(g, R);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_rb, rb = task % n_rb;
+      const BwdRows t = bwd_rows(g, rb, R);
+      for (int64_t y = t.ya; y < t.yb; ++y)
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          const int64_t pix = (y - t.ya) * g.Wo + x;
+          bwd_load_pixel<scalar_t>(A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, g, norm, gn,
+                                   ws.spn.data() + pix * hkk, ws.stat.data() + pix * g.head * 2);
         }
+      acc_t* part = partial.data() + task * kkC;
+      std::fill(part, part + kkC, acc_t(0));
+      const acc_t* chb = chT.data() + b * kkC;
+      for (int64_t y = t.y0; y < t.y1; ++y) {
+        nhwc_filter_grads_row<scalar_t, MUL>(A, g, t, b, y, chb, norm, gn, part, ws);
+        for (int64_t iy = y * g.s; iy < std::min(g.H, (y + 1) * g.s); ++iy)
+          nhwc_input_grads_row<scalar_t, MUL>(A, g, t, b, iy, chb, ws);
       }
     }
   });
-
-  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C;
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t c = 0; c < g.C; ++c)
       for (int64_t j = 0; j < g.kk; ++j) {
         acc_t sum = 0;
-        for (int64_t y = 0; y < g.Ho; ++y) sum += partial[(b * g.Ho + y) * kkC + j * g.C + c];
-        gch_data[bc * g.kk + j] = static_cast<scalar_t>(sum);
+        for (int64_t rb = 0; rb < n_rb; ++rb) sum += partial[(b * n_rb + rb) * kkC + j * g.C + c];
+        gch_data[(b * g.C + c) * g.kk + j] = static_cast<scalar_t>(sum);
       }
-    }
-  });
-
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> accv(g.C);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t b = bi / g.H, iy = bi % g.H;
-      const acc_t* chb = chT.data() + b * kkC;
-      for (int64_t ix = 0; ix < g.W; ++ix) {
-        acc_t* DDF_RESTRICT acc = accv.data();
-        std::fill(accv.begin(), accv.end(), acc_t(0));
-        for (int64_t jy = 0; jy < g.k; ++jy) {
-          const int64_t ty = iy - (jy - g.r) * g.d;
-          if (ty < 0 || ty % g.s != 0) continue;
-          const int64_t y = ty / g.s;
-          if (y >= g.Ho) continue;
-          for (int64_t jx = 0; jx < g.k; ++jx) {
-            const int64_t tx = ix - (jx - g.r) * g.d;
-            if (tx < 0 || tx % g.s != 0) continue;
-            const int64_t x = tx / g.s;
-            if (x >= g.Wo) continue;
-            const int64_t j = jy * g.k + jx;
-            const scalar_t* DDF_RESTRICT gp = go_data + b * gsB + y * gsH + x * gsW;
-            const scalar_t* spp = sp_data + b * ssB + y * ssH + x * ssW;
-            const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-            for (int64_t h = 0; h < g.head; ++h) {
-              const acc_t sv = static_cast<acc_t>(spp[(h * g.kk + j) * ssC]);
-              const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg;
-              for (int64_t c = c0; c < c1; ++c) acc[c] += static_cast<acc_t>(gp[c]) * (MUL ? sv * cj[c] : sv + cj[c]);
-            }
-          }
-        }
-        scalar_t* DDF_RESTRICT dst = gin_data + b * nsB + iy * nsH + ix * nsW;
-        for (int64_t c = 0; c < g.C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
-      }
-    }
-  });
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -497,90 +956,48 @@ Tensor ddf_forward_cpu(const Tensor& input_, const Tensor& channel_filter, const
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ddf_backward_unfused(const Tensor& grad_output, const Tensor& input_,
+// Backward entry point; with spatial_norm the gradient w.r.t. the spatial filter is w.r.t. its raw taps
+// (FilterNorm and its backward run inside the kernels). NCHW tensors go to backward_nchw (other strided views are
+// compacted first), channels_last inputs to backward_nhwc (filters read through their strides).
+std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input_,
                                                     const Tensor& channel_filter, const Tensor& spatial_filter,
                                                     int64_t kernel_size, int64_t dilation, int64_t stride,
                                                     int64_t head, int64_t combine, bool spatial_norm,
                                                     double spatial_gain) {
-  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, false);
-  (void)spatial_norm;
-  (void)spatial_gain;
+  check_args(input_, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
   check_grad_output(grad_output, input_, stride);
   TORCH_CHECK(input_.device().is_cpu(), "ddf_backward_cpu: input must be a CPU tensor");
   const bool cl = use_channels_last(input_);
   const GeoI g = make_geo(input_, kernel_size, dilation, stride, head);
   Tensor gin = at::empty(input_.sizes(), input_.options().memory_format(memory_format_of(input_)));
   Tensor gch = at::empty(channel_filter.sizes(), channel_filter.options());
-  Tensor gsp = at::empty(spatial_filter.sizes(), spatial_filter.options().memory_format(memory_format_of(spatial_filter)));
+  Tensor gsp = at::empty(spatial_filter.sizes(),
+                         spatial_filter.options().memory_format(memory_format_of(spatial_filter)));
   if (input_.numel() == 0 || grad_output.numel() == 0) {
     gin.zero_(); gch.zero_(); gsp.zero_();
     return {gin, gch, gsp};
   }
+  const bool norm = spatial_norm;
+  const double gain = spatial_gain;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_.scalar_type(), "ddf_backward_cpu", [&] {
     if (cl) {
       const Tensor gout = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
       if (combine == kCombineMul)
-        backward_nhwc<scalar_t, true>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g);
+        backward_nhwc<scalar_t, true>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g, norm, gain);
       else
-        backward_nhwc<scalar_t, false>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g);
+        backward_nhwc<scalar_t, false>(gout, input_, channel_filter, spatial_filter, gin, gch, gsp, g, norm, gain);
     } else {
       const Tensor gout = grad_output.contiguous();
       const Tensor input = input_.contiguous();
       const Tensor ch = channel_filter.contiguous();
       const Tensor sp = spatial_filter.contiguous();
       Tensor gsp_c = gsp.is_contiguous() ? gsp : at::empty(spatial_filter.sizes(), spatial_filter.options());
-      if (combine == kCombineMul) backward_nchw<scalar_t, true>(gout, input, ch, sp, gin, gch, gsp_c, g);
-      else backward_nchw<scalar_t, false>(gout, input, ch, sp, gin, gch, gsp_c, g);
+      if (combine == kCombineMul) backward_nchw<scalar_t, true>(gout, input, ch, sp, gin, gch, gsp_c, g, norm, gain);
+      else backward_nchw<scalar_t, false>(gout, input, ch, sp, gin, gch, gsp_c, g, norm, gain);
       if (!gsp_c.is_same(gsp)) gsp.copy_(gsp_c);
     }
   });
   return {gin, gch, gsp};
-}
-
-// FilterNorm of a spatial filter (B, head*kk, Ho, Wo) in its dtype, and the gradient w.r.t. its raw taps.
-Tensor spatial_filter_norm(const Tensor& raw, int64_t head, int64_t kk, double gain) {
-  const auto v = raw.reshape({raw.size(0), head, kk, raw.size(2), raw.size(3)});
-  const auto centred = v - v.mean({2}, true);
-  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
-  return (centred / (sd + kFilterNormEps) * gain).reshape(raw.sizes());
-}
-
-Tensor spatial_filter_norm_backward(const Tensor& raw, const Tensor& grad, int64_t head, int64_t kk, double gain) {
-  const std::vector<int64_t> shape5{raw.size(0), head, kk, raw.size(2), raw.size(3)};
-  const auto v = raw.reshape(shape5);
-  const auto g = grad.reshape(shape5) * gain;
-  const auto centred = v - v.mean({2}, true);
-  const auto sd = (centred * centred).sum({2}, true).div(double(kk - 1)).sqrt();
-  const auto first = (g - g.mean({2}, true)) / (sd + kFilterNormEps);
-  const auto denom = sd * (sd + kFilterNormEps) * (sd + kFilterNormEps) * double(kk - 1);
-  const auto coef = at::where(sd > 0, (g * centred).sum({2}, true) / at::where(sd > 0, denom, at::ones_like(denom)),
-                              at::zeros_like(denom));
-  return (first - centred * coef).reshape(raw.sizes());
-}
-
-// Backward with the fused FilterNorm: the normalised filter of the whole batch is materialised (in float32 for
-// half types, so the result is as accurate as the reference), the unfused backward runs on it, and FilterNorm's
-// backward maps grad_spatial to the raw taps.
-std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                    const Tensor& channel_filter, const Tensor& spatial_filter,
-                                                    int64_t kernel_size, int64_t dilation, int64_t stride,
-                                                    int64_t head, int64_t combine, bool spatial_norm,
-                                                    double spatial_gain) {
-  check_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm);
-  if (!spatial_norm || input.numel() == 0 || grad_output.numel() == 0)
-    return ddf_backward_unfused(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                head, combine, false, 1.0);
-  check_grad_output(grad_output, input, stride);
-  const auto dtype = input.scalar_type();
-  const auto acc = (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
-  const int64_t kk = kernel_size * kernel_size;
-  const Tensor raw = spatial_filter.to(acc);
-  const Tensor spn = spatial_filter_norm(raw, head, kk, spatial_gain).contiguous(memory_format_of(spatial_filter));
-  auto grads = ddf_backward_unfused(grad_output.to(acc), input.to(acc), channel_filter.to(acc), spn, kernel_size,
-                                    dilation, stride, head, combine, false, 1.0);
-  const Tensor gsp = spatial_filter_norm_backward(raw, std::get<2>(grads), head, kk, spatial_gain);
-  return {std::get<0>(grads).to(dtype).contiguous(memory_format_of(input)), std::get<1>(grads).to(dtype).contiguous(),
-          gsp.to(dtype).contiguous(memory_format_of(spatial_filter))};
 }
 
 }  // namespace
