@@ -69,6 +69,8 @@ def op_rows(rounds):
     leaves = [t.clone().requires_grad_() for t in (x, ch, sp)]
 
     def fwd_bwd():
+        for t in leaves:  # the op's forward+backward only: no accumulation into earlier .grad tensors
+            t.grad = None
         ddf.ddf(*leaves, 3).backward(go)
 
     go = torch.randn(8, 256, 56, 56)
