@@ -183,7 +183,8 @@ std::vector<at::opmath_type<scalar_t>> transpose_channel_filter(const Tensor& ch
 // normalised per head when `norm` (see load_spatial_rows).
 template <typename scalar_t>
 inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm, at::opmath_type<scalar_t> gain,
-                            at::opmath_type<scalar_t>* DDF_RESTRICT taps) {
+                            at::opmath_type<scalar_t>* DDF_RESTRICT taps,
+                            at::opmath_type<scalar_t>* DDF_RESTRICT stat = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t t = 0; t < g.head * g.kk; ++t) taps[t] = static_cast<acc_t>(spp[t * ssC]);
   if (!norm) return;
@@ -193,8 +194,13 @@ inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, boo
     for (int64_t j = 0; j < g.kk; ++j) mean += v[j];
     mean /= acc_t(g.kk);
     for (int64_t j = 0; j < g.kk; ++j) var += (v[j] - mean) * (v[j] - mean);
-    const acc_t scale = gain / (std::sqrt(var / acc_t(g.kk - 1)) + acc_t(kFilterNormEps));
+    const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
+    const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
     for (int64_t j = 0; j < g.kk; ++j) v[j] = (v[j] - mean) * scale;
+    if (stat != nullptr) {  // the backward keeps each head's mean and unbiased std for FilterNorm's backward
+      stat[2 * h] = mean;
+      stat[2 * h + 1] = sd;
+    }
   }
 }
 
@@ -836,29 +842,6 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
     }
 }
 
-// The head*kk taps of one pixel (filter channel stride ssC) as acc_t in v[t]; with `norm` normalised per head,
-// with the head's mean and unbiased std kept in stat[2 * h], stat[2 * h + 1].
-template <typename scalar_t>
-DDF_INLINE void bwd_load_pixel(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm,
-                               at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT v,
-                               at::opmath_type<scalar_t>* DDF_RESTRICT stat) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t t = 0; t < g.head * g.kk; ++t) v[t] = static_cast<acc_t>(spp[t * ssC]);
-  if (!norm) return;
-  for (int64_t h = 0; h < g.head; ++h) {
-    acc_t* DDF_RESTRICT u = v + h * g.kk;
-    acc_t mean = 0, var = 0;
-    for (int64_t j = 0; j < g.kk; ++j) mean += u[j];
-    mean /= acc_t(g.kk);
-    for (int64_t j = 0; j < g.kk; ++j) var += (u[j] - mean) * (u[j] - mean);
-    const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
-    const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
-    for (int64_t j = 0; j < g.kk; ++j) u[j] = (u[j] - mean) * scale;
-    stat[2 * h] = mean;
-    stat[2 * h + 1] = sd;
-  }
-}
-
 // grad_spatial of one pixel (G[t], t = h * kk + j) written through stride tsC; with `norm` mapped to the raw taps
 // (FilterNorm backward, as bwd_store_planar).
 template <typename scalar_t>
@@ -1068,7 +1051,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
       for (int64_t y = t.ya; y < t.yb; ++y)
         for (int64_t x = 0; x < g.Wo; ++x) {
           const int64_t pix = (y - t.ya) * g.Wo + x;
-          bwd_load_pixel<scalar_t>(A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, g, norm, gn,
+          load_pixel_taps<scalar_t>(A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, g, norm, gn,
                                    ws.spn.data() + pix * hkk, ws.stat.data() + pix * g.head * 2);
         }
       acc_t* part = partial.data() + task * kkC;
