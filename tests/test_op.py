@@ -523,3 +523,29 @@ print("TRITON_IN_GRAPH")
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "TRITON_IN_GRAPH" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_cpp_forward_other_instruction_sets(isa):
+    """The register-blocked forward kernels built for other instruction sets (DDF_CPU_ISA caps the run-time
+    choice; read once per process, hence the subprocess) match the reference, NCHW and channels_last."""
+    code = """
+import torch, ddf
+from ddf.reference import ddf_reference
+g = torch.Generator().manual_seed(0)
+for (B, C, H, W, k, d, head, comb) in [(2, 12, 9, 23, 3, 1, 3, 'mul'), (1, 20, 6, 37, 5, 2, 2, 'add'),
+                                       (2, 8, 5, 3, 7, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 'mul')]:
+    x = torch.randn(B, C, H, W, generator=g); ch = torch.randn(B, C, k, k, generator=g)
+    sp = torch.randn(B, head * k * k, H, W, generator=g)
+    ref = ddf_reference(x.double(), ch.double(), sp.double(), k, d, 1, head, comb)
+    for cl in (False, True):
+        xi, spi = (x.contiguous(memory_format=torch.channels_last), sp.contiguous(memory_format=torch.channels_last)) if cl else (x, sp)
+        out = ddf.ddf(xi, ch, spi, k, d, 1, head, comb)
+        err = (out.double() - ref).abs().max().item()
+        assert err < 1e-4, (B, C, H, W, k, d, head, comb, cl, err)
+print("ok")
+"""
+    env = dict(os.environ, DDF_CPU_ISA=isa, DDF_BACKEND="cpp")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]
