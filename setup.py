@@ -7,6 +7,7 @@
   of time. ``DDF_BUILD_EXT=0`` skips it.
 """
 import os
+import runpy
 
 from setuptools import setup
 
@@ -21,9 +22,9 @@ def _extension_kwargs():
               "(the C++ kernels are JIT-compiled on first use)")
         return {}
     here = os.path.dirname(os.path.abspath(__file__))
-    flags = ["-O3"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
+    flags = runpy.run_path(os.path.join(here, "ddf", "csrc", "build_flags.py"))
     ext = cpp_extension.CppExtension("ddf._C", ["ddf/csrc/ddf.cpp"], include_dirs=[os.path.join(here, "ddf", "csrc")],
-                                     extra_compile_args={"cxx": flags})
+                                     extra_compile_args={"cxx": flags["CFLAGS"]}, extra_link_args=flags["LDFLAGS"])
     print("ddf setup: building ddf._C (C++ CPU kernels)")
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

@@ -9,7 +9,9 @@ Each pair (numerator, denominator) is timed in interleaved rounds (num, den, num
 ratio of the two medians is printed with the goal beside it. The machine load (/proc/loadavg) is printed and
 saved: on a shared machine only ratios measured in one process mean anything. Rows marked "unfused" time the
 same module with the fused FilterNorm switched off (ddf.modules._FUSE_SPATIAL_NORM = False), i.e. the normalised
-spatial filter written to memory as before the fusion.
+spatial filter written to memory as before the fusion. Rows marked "floor" time timm's resnet50 with its
+bottleneck 3x3 convolutions (the layers DDF replaces) made free against resnet50 itself: no replacement of those
+layers can bring the ddf_mul_resnet50 ratio below that floor.
 """
 from __future__ import annotations
 
@@ -105,42 +107,74 @@ def module_rows(rounds, resolutions):
     return rows
 
 
-def _resnet_pair_rows(ddf_net, ref_net, x, rounds, tag):
-    """Inference and training-step rows of one (DDF net, timm net) pair in one memory format ``tag``."""
+class _NoConv(nn.Module):
+    """Stand-in for a 3x3 convolution that costs nothing: the input subsampled by the stride (same output shape)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return x[:, :, ::self.stride, ::self.stride].contiguous(memory_format=fmt)
+
+
+def _floor_resnet50():
+    """timm resnet50 with every bottleneck's 3x3 convolution (the layer DDF replaces) made free: the best time any
+    replacement of those layers could reach, everything else (1x1 convs, batch norm, stem, pooling) unchanged."""
+    import timm
+
+    net = timm.create_model("resnet50")
+    for m in net.modules():
+        if type(m).__name__ == "Bottleneck":
+            m.conv2 = _NoConv(m.conv2.stride[0])
+    return net
+
+
+def _step(m, opt, x):
+    def run():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long)).backward()
+        opt.step()
+    return run
+
+
+def _resnet_pair_rows(nets, x, rounds, tag):
+    """Inference and training-step rows of the DDF net / timm net pair in one memory format ``tag``, each followed
+    by the floor row (resnet50 without its 3x3 convs / resnet50) that bounds what the ratio can reach."""
+    ddf_net, ref_net, floor_net = nets
     rows = []
-    for m in (ddf_net, ref_net):
+    for m in nets:
         m.eval()
     with torch.no_grad():
         rows.append((f"ddf_mul_resnet50 / resnet50 inference, batch 8, 224x224, {tag}",
                      *time_pair(lambda: ddf_net(x), lambda: ref_net(x), rounds), 0.75))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ddf_net, ref_net)]
-
-    def step(m, opt):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), torch.zeros(8, dtype=torch.long)).backward()
-            opt.step()
-        return run
-
-    for m in (ddf_net, ref_net):
+        rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 inference, {tag})",
+                     *time_pair(lambda: floor_net(x), lambda: ref_net(x), rounds), None))
+    steps = [_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x) for m in nets]
+    for m in nets:
         m.train()
+    train_rounds = max(3, rounds // 2)
     rows.append((f"ddf_mul_resnet50 / resnet50 training step (SGD), batch 8, {tag}",
-                 *time_pair(step(ddf_net, opts[0]), step(ref_net, opts[1]), max(3, rounds // 2)), 0.85))
+                 *time_pair(steps[0], steps[1], train_rounds), 0.85))
+    rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 training step, {tag})",
+                 *time_pair(steps[2], steps[1], train_rounds), None))
     return rows
 
 
 def resnet_rows(rounds):
-    """ResNet-50 rows, NCHW and channels_last (both nets and the input in the same memory format)."""
+    """ResNet-50 rows, NCHW and channels_last (all nets and the input in the same memory format)."""
     import timm
 
     torch.manual_seed(0)
-    ddf_net, ref_net = timm.create_model("ddf_mul_resnet50"), timm.create_model("resnet50")
+    nets = (timm.create_model("ddf_mul_resnet50"), timm.create_model("resnet50"), _floor_resnet50())
     x = torch.randn(8, 3, 224, 224)
-    rows = _resnet_pair_rows(ddf_net, ref_net, x, rounds, "NCHW")
-    cl = torch.channels_last
-    for m in (ddf_net, ref_net):
-        m.to(memory_format=cl)
-    return rows + _resnet_pair_rows(ddf_net, ref_net, x.contiguous(memory_format=cl), rounds, "channels_last")
+    rows = _resnet_pair_rows(nets, x, rounds, "NCHW")
+    for m in nets:
+        m.to(memory_format=torch.channels_last)
+    return rows + _resnet_pair_rows(nets, x.contiguous(memory_format=torch.channels_last), rounds, "channels_last")
 
 
 def render(rows, header) -> str:

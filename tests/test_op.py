@@ -202,6 +202,19 @@ def test_cpp_backward_does_not_depend_on_thread_count():
         for a, b in zip(*results):
             assert torch.equal(a, b)
 
+def test_cpp_kernels_use_torch_threads():
+    """The C++ kernels are compiled with OpenMP, so at::parallel_for spreads them over torch's intra-op threads
+    (until 2026-12-03 they were built without it and silently ran on one thread at any torch.set_num_threads)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert backends.cpp.parallel_threads(64) == n
+            assert f"{n} of {n} threads" in ddf.backend_info()
+    finally:
+        torch.set_num_threads(threads)
+
+
 # tolerances: ~2x the largest error of the float32-accumulating C++ kernels on these sweeps (measured 2026-11-24:
 # float32 2.3e-7, float16 4.2e-4, bfloat16 3.2e-3 relative to max |ref|)
 LOW_PRECISION_TOL = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}

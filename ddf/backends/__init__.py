@@ -130,6 +130,8 @@ def _describe(device_type: str) -> str:
     if name == "reference":
         return "reference (PyTorch)"
     ok, why = _CAN_RUN[name](torch.device(device_type))
+    if name == "cpp":
+        why += f", {cpp.parallel_threads()} of {torch.get_num_threads()} threads"
     return f"{name} ({why})"
 
 

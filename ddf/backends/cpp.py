@@ -13,6 +13,7 @@ Loaded lazily, on the first CPU call (so ``import ddf`` stays fast):
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from .. import _checks
 from . import settings
 
-__all__ = ["load", "available", "unavailable_reason", "where", "forward", "backward"]
+__all__ = ["load", "available", "unavailable_reason", "where", "parallel_threads", "forward", "backward"]
 
 _SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 _state = {"loaded": None, "where": "", "reason": ""}
@@ -54,10 +55,12 @@ def _load_jit() -> str:
           "cached build) ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
+    flags = runpy.run_path(os.path.join(_SRC_DIR, "build_flags.py"))
     cpp_extension.load(
         name="ddf_C_jit",
         sources=[os.path.join(_SRC_DIR, "ddf.cpp")],
-        extra_cflags=["-O3"] if os.name == "nt" else ["-O3", "-fopenmp-simd"],
+        extra_cflags=flags["CFLAGS"],
+        extra_ldflags=flags["LDFLAGS"],
         extra_include_paths=[_SRC_DIR],
         verbose=settings.get().jit_verbose,
     )
@@ -105,6 +108,13 @@ def unavailable_reason() -> str:
 def where() -> str:
     load()
     return _state["where"]
+
+
+def parallel_threads(n: int = 64) -> int:
+    """Threads the C++ kernels' ``at::parallel_for`` uses for ``n`` chunks (torch's intra-op thread count, capped
+    by n; 1 would mean a build without OpenMP)."""
+    load()
+    return int(torch.ops.ddf_cpp.parallel_threads(n))
 
 
 def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm,

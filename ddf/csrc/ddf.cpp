@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -1156,6 +1157,15 @@ std::tuple<Tensor, Tensor, Tensor> ddf_backward_cpu(const Tensor& grad_output, c
   return {gin, gch, gsp};
 }
 
+// How many threads at::parallel_for runs n one-item chunks on: torch's intra-op thread count (capped by n) when this
+// file was compiled with OpenMP, 1 without it (at::parallel_for is a header template: then every kernel above runs
+// on one thread). Checked by tests/test_op.py; reported by ddf.backend_info().
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, std::max<int64_t>(1, n), 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
+
 }  // namespace
 
 }  // namespace ddf
@@ -1166,6 +1176,7 @@ TORCH_LIBRARY(ddf_cpp, m) {
   m.def("backward(Tensor grad_output, Tensor input, Tensor channel_filter, Tensor spatial_filter, "
         "int kernel_size, int dilation, int stride, int head, int combine, bool spatial_norm, float spatial_gain) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("parallel_threads(int n) -> int", &ddf::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(ddf_cpp, CPU, m) {
