@@ -547,7 +547,8 @@ import torch, ddf
 from ddf.reference import ddf_reference
 g = torch.Generator().manual_seed(0)
 for (B, C, H, W, k, d, head, comb) in [(2, 12, 9, 23, 3, 1, 3, 'mul'), (1, 20, 6, 37, 5, 2, 2, 'add'),
-                                       (2, 8, 5, 3, 7, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 'mul')]:
+                                       (2, 8, 5, 3, 7, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 'mul'),
+                                       (1, 6, 30, 40, 3, 1, 2, 'mul')]:  # NCHW: 3 row blocks, 3 channels a head
     x = torch.randn(B, C, H, W, generator=g); ch = torch.randn(B, C, k, k, generator=g)
     sp = torch.randn(B, head * k * k, H, W, generator=g)
     ref = ddf_reference(x.double(), ch.double(), sp.double(), k, d, 1, head, comb)

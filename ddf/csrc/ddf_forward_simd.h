@@ -109,163 +109,189 @@ DDF_INLINE void store_acc(scalar_t* p, const Vec<at::opmath_type<scalar_t>>& v) 
   }
 }
 
-// The first n (< lanes) values of v, converted.
-template <typename scalar_t>
-DDF_INLINE void store_acc_partial(scalar_t* p, const Vec<at::opmath_type<scalar_t>>& v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
-}
-
-// n values converted to acc_t (vectorised body, scalar tail).
-template <typename scalar_t>
-DDF_INLINE void convert_row(const scalar_t* DDF_RESTRICT src, at::opmath_type<scalar_t>* DDF_RESTRICT dst,
-                            int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t L = lanes<acc_t>();
-  int64_t i = 0;
-  for (; i + L <= n; i += L) vstore<acc_t>(dst + i, load_acc<scalar_t>(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
-}
-
 // -------------------------------------------------------------------------------------------------------------
-// NCHW: DDF_NC channels x NV vectors of one output row, x in [x, x + NV*L), over the row's nt in-image taps.
-// tap_in[t]: the first channel's padded input row aligned with output column 0 (channel ci at + ci * PS);
-// tap_sp[t]: the masked spatial filter row; tap_ch[t * DDF_NC + ci]: the channel filter values.
-template <int NV, typename scalar_t, bool MUL>
-DDF_INLINE void nchw_block(const at::opmath_type<scalar_t>* const* tap_in, const at::opmath_type<scalar_t>* const* tap_sp,
-                           const at::opmath_type<scalar_t>* tap_ch, int64_t nt, int64_t PS, int64_t x, int64_t Wo,
-                           scalar_t* const* out_rows) {
-  using acc_t = at::opmath_type<scalar_t>;
+// NCHW, stride 1. A task's input planes are copied into zero-padded buffers of row stride Wp = W + 2P (P = r*d),
+// flattened: output (y, x) sits at flat index i = y * Wp + x and its tap (jy, jx) reads flat i + jy*d*Wp + jx*d,
+// one constant offset per tap. So a vector runs across row ends (the Wp - W padding columns in between compute
+// values that are never stored) and a block of any width keeps all lanes busy, with no per-row tap lists, bounds
+// tests or partial stores.
+
+// Geometry of the flat buffers of one task of R output rows.
+struct FlatGeo {
+  int64_t P, Wp, R, nvec, SS, PS;  // pad, padded row, rows per task, vectors per block, tap/stage stride, plane stride
+};
+
+template <typename acc_t>
+FlatGeo make_flat_geo(const GeoI& g) {
+  constexpr int64_t L = lanes<acc_t>();
+  FlatGeo f;
+  f.P = g.r * g.d;
+  f.Wp = g.W + 2 * f.P;
+  f.R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / (g.kk * f.Wp)));  // the block's filter ~16 KB (L1)
+  f.nvec = (f.R * f.Wp + L - 1) / L;
+  f.SS = f.nvec * L;
+  f.PS = (f.R + 2 * f.P) * f.Wp + 2 * f.P + L;  // + the reach of the last vector's farthest tap
+  return f;
+}
+
+// DDF_NC channels x NV vectors at flat index i. in: the group's first padded plane (plane ci at + ci * PS); spf:
+// the block's masked spatial filter (tap t at + t * SS); off[t]: tap offsets; chv[t * DDF_NC + ci]: channel filter;
+// stage: the results (channel ci at + ci * SS).
+template <int NV, typename acc_t, bool MUL>
+DDF_INLINE void nchw_flat_block(const acc_t* in, const acc_t* spf, const int64_t* off, const acc_t* chv, int64_t kk,
+                                int64_t PS, int64_t SS, int64_t i, acc_t* stage) {
   using V = Vec<acc_t>;
   constexpr int64_t L = lanes<acc_t>();
   V acc[DDF_NC][NV];
   for (int ci = 0; ci < DDF_NC; ++ci)
     for (int v = 0; v < NV; ++v) acc[ci][v] = splat<acc_t>(acc_t(0));
-  for (int64_t t = 0; t < nt; ++t) {
-    const acc_t* in = tap_in[t] + x;
-    const acc_t* sp = tap_sp[t] + x;
+  for (int64_t t = 0; t < kk; ++t) {
+    const acc_t* x = in + off[t] + i;
+    const acc_t* s = spf + t * SS + i;
     V sv[NV];
-    for (int v = 0; v < NV; ++v) sv[v] = vload<acc_t>(sp + v * L);
+    for (int v = 0; v < NV; ++v) sv[v] = vload<acc_t>(s + v * L);
     for (int ci = 0; ci < DDF_NC; ++ci) {
-      const V cj = splat<acc_t>(tap_ch[t * DDF_NC + ci]);
-      for (int v = 0; v < NV; ++v) acc[ci][v] += vload<acc_t>(in + ci * PS + v * L) * (MUL ? sv[v] * cj : sv[v] + cj);
+      const V cj = splat<acc_t>(chv[t * DDF_NC + ci]);
+      for (int v = 0; v < NV; ++v) acc[ci][v] += vload<acc_t>(x + ci * PS + v * L) * (MUL ? sv[v] * cj : sv[v] + cj);
     }
   }
   for (int ci = 0; ci < DDF_NC; ++ci)
-    for (int v = 0; v < NV; ++v) {
-      const int64_t xv = x + v * L;
-      if (xv + L <= Wo) store_acc<scalar_t>(out_rows[ci] + xv, acc[ci][v]);
-      else if (xv < Wo) store_acc_partial<scalar_t>(out_rows[ci] + xv, acc[ci][v], Wo - xv);
-    }
+    for (int v = 0; v < NV; ++v) vstore<acc_t>(stage + ci * SS + i + v * L, acc[ci][v]);
 }
 
-// The spatial filter of output rows [y0, y1) of one (b, head) as spbuf[(j * R + y - y0) * Wr + x], normalised when
-// `norm`, zero for taps outside the image and for x >= Wo. raw/tmp: scratch of kk * R * Wo and 2 * R * Wo values.
+// The spatial filter of output rows [y0, y1) of plane spb in the flat layout: spf[j * SS + (y - y0) * Wp + x],
+// normalised when `norm`, zero for taps outside the image, for the padding columns and past the block.
+// raw/tmp: scratch of kk * R * W and 2 * R * W values.
 template <typename scalar_t>
-void load_spatial_masked(const ForwardArgs<scalar_t>& a, int64_t bh, int64_t y0, int64_t y1, int64_t R, int64_t Wr,
-                         at::opmath_type<scalar_t>* spbuf, at::opmath_type<scalar_t>* raw,
-                         at::opmath_type<scalar_t>* tmp) {
+void load_spatial_flat(const ForwardArgs<scalar_t>& a, const FlatGeo& f, const scalar_t* spb, int64_t y0, int64_t y1,
+                       at::opmath_type<scalar_t>* spf, at::opmath_type<scalar_t>* raw,
+                       at::opmath_type<scalar_t>* tmp) {
   using acc_t = at::opmath_type<scalar_t>;
   const GeoI& g = a.g;
   const int64_t n = (y1 - y0) * g.Wo;
-  load_spatial_rows<scalar_t>(a.sp + bh * g.kk * g.Ho * g.Wo, g, y0, y1, a.norm, static_cast<acc_t>(a.gain), raw, tmp);
+  load_spatial_rows<scalar_t>(spb, g, y0, y1, a.norm, static_cast<acc_t>(a.gain), raw, tmp);
   for (int64_t j = 0; j < g.kk; ++j) {
+    const int64_t jy = j / g.k;
     int64_t x0, x1;
-    valid_range((j % g.k - g.r) * g.d, g.s, g.W, g.Wo, x0, x1);
-    for (int64_t yy = 0; yy < y1 - y0; ++yy) {
-      acc_t* dst = spbuf + (j * R + yy) * Wr;
-      const acc_t* src = raw + j * n + yy * g.Wo;
-      for (int64_t x = 0; x < Wr; ++x) dst[x] = (x >= x0 && x < x1) ? src[x] : acc_t(0);
+    valid_range((j % g.k - g.r) * g.d, 1, g.W, g.Wo, x0, x1);
+    acc_t* dst = spf + j * f.SS;
+    std::fill(dst, dst + f.SS, acc_t(0));
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t iy = y + (jy - g.r) * g.d;
+      if (iy < 0 || iy >= g.H) continue;
+      const acc_t* src = raw + j * n + (y - y0) * g.Wo;
+      for (int64_t x = std::max<int64_t>(x0, 0); x < std::min(x1, g.Wo); ++x) dst[(y - y0) * f.Wp + x] = src[x];
     }
   }
 }
 
-// Input rows [iy_lo, iy_hi) of one channel plane as float rows of s phases of Lp values: input column ix at
-// phase ix % s, index ix / s + Q; zeros elsewhere (the padding).
+// Input rows [y0 - P, y1 + P) of one channel plane into its padded flat buffer (zeros outside the image).
 template <typename scalar_t>
-void load_padded_rows(const scalar_t* DDF_RESTRICT in, const GeoI& g, int64_t iy_lo, int64_t iy_hi, int64_t Q,
-                      int64_t Lp, at::opmath_type<scalar_t>* DDF_RESTRICT plane) {
+void load_plane_flat(const scalar_t* DDF_RESTRICT in, const GeoI& g, const FlatGeo& f, int64_t y0, int64_t y1,
+                     at::opmath_type<scalar_t>* DDF_RESTRICT plane) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t iy = iy_lo; iy < iy_hi; ++iy) {
-    acc_t* DDF_RESTRICT row = plane + (iy - iy_lo) * g.s * Lp;
-    if (g.s == 1) {
-      for (int64_t i = 0; i < Q; ++i) row[i] = acc_t(0);
-      for (int64_t i = Q + g.W; i < Lp; ++i) row[i] = acc_t(0);
-      convert_row<scalar_t>(in + iy * g.W, row + Q, g.W);
-    } else {
-      std::fill(row, row + g.s * Lp, acc_t(0));
-      for (int64_t ix = 0; ix < g.W; ++ix) row[(ix % g.s) * Lp + ix / g.s + Q] = static_cast<acc_t>(in[iy * g.W + ix]);
+  constexpr int64_t L = lanes<acc_t>();
+  const int64_t rows = (y1 - y0) + 2 * f.P;
+  for (int64_t yy = 0; yy < rows; ++yy) {
+    acc_t* DDF_RESTRICT row = plane + yy * f.Wp;
+    const int64_t iy = y0 - f.P + yy;
+    if (iy < 0 || iy >= g.H) {
+      std::fill(row, row + f.Wp, acc_t(0));
+      continue;
     }
+    const scalar_t* DDF_RESTRICT src = in + iy * g.W;
+    for (int64_t x = 0; x < f.P; ++x) row[x] = row[f.P + g.W + x] = acc_t(0);
+    int64_t x = 0;
+    for (; x + L <= g.W; x += L) vstore<acc_t>(row + f.P + x, load_acc<scalar_t>(src + x));
+    for (; x < g.W; ++x) row[f.P + x] = static_cast<acc_t>(src[x]);
+  }
+  std::fill(plane + rows * f.Wp, plane + f.PS, acc_t(0));
+}
+
+// Rows [y0, y1) of one channel's results from the flat stage into the output plane.
+template <typename scalar_t>
+DDF_INLINE void store_plane_flat(const at::opmath_type<scalar_t>* DDF_RESTRICT stage, const GeoI& g,
+                                 const FlatGeo& f, int64_t y0, int64_t y1, scalar_t* DDF_RESTRICT out) {
+  constexpr int64_t L = lanes<at::opmath_type<scalar_t>>();
+  for (int64_t y = y0; y < y1; ++y) {
+    const auto* src = stage + (y - y0) * f.Wp;
+    scalar_t* dst = out + y * g.Wo;
+    int64_t x = 0;
+    for (; x + L <= g.Wo; x += L) store_acc<scalar_t>(dst + x, vload<at::opmath_type<scalar_t>>(src + x));
+    for (; x < g.Wo; ++x) dst[x] = static_cast<scalar_t>(src[x]);
   }
 }
 
-// NCHW forward: one task per (b, head, block of R output rows).
-// Loop order: task -> group of DDF_NC channels of the head -> output row -> x-block of up to 4 vectors -> in-image
-// taps -> channels -> vectors, with the DDF_NC x 4 accumulators in registers. Why: the block's spatial filter
-// (kk x R x Wr values, L1-resident, out-of-image taps zeroed, normalised when `norm`) is prepared once per task and
-// reused by all Cg channels, and each of its vectors by the DDF_NC channels of a group (fewer loads per fma); the
-// group's input rows are converted once into zero-padded buffers split into s column phases, so that every tap, at
-// any stride and dilation, is one unaligned vector load without bounds tests. A last, incomplete group repeats its
-// last channel (recomputing and rewriting equal values).
+// The flat blocks of one group of DDF_NC channels over a task's nv vectors.
+template <typename acc_t, bool MUL>
+DDF_INLINE void nchw_flat_group(const acc_t* in, const acc_t* spf, const int64_t* off, const acc_t* chv, int64_t kk,
+                                const FlatGeo& f, int64_t nv, acc_t* stage) {
+  constexpr int64_t L = lanes<acc_t>();
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) nchw_flat_block<4, acc_t, MUL>(in, spf, off, chv, kk, f.PS, f.SS, v * L, stage);
+  switch (nv - v) {
+    case 3: nchw_flat_block<3, acc_t, MUL>(in, spf, off, chv, kk, f.PS, f.SS, v * L, stage); break;
+    case 2: nchw_flat_block<2, acc_t, MUL>(in, spf, off, chv, kk, f.PS, f.SS, v * L, stage); break;
+    case 1: nchw_flat_block<1, acc_t, MUL>(in, spf, off, chv, kk, f.PS, f.SS, v * L, stage); break;
+    default: break;
+  }
+}
+
+// Prefetch of n values from p: the NCHW kernel reads many planes in short row blocks, each too short a stream for
+// the hardware prefetcher to start on time.
+template <typename scalar_t>
+DDF_INLINE void prefetch_values(const scalar_t* p, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * int64_t(sizeof(scalar_t)); i += 64) __builtin_prefetch(c + i);
+#else
+  (void)p; (void)n;
+#endif
+}
+
+// NCHW forward, stride 1: one task per (b, head, block of R output rows, chunk of the head's channels).
+// Loop order: task -> group of DDF_NC channels -> flat x-block of up to 4 vectors -> taps -> channels -> vectors,
+// with the DDF_NC x 4 accumulators in registers. Why: the block's spatial filter (L1-resident, prepared once per
+// task, normalised when `norm`) is reused by all the chunk's channels and each of its vectors by the DDF_NC channels
+// of a group; the flat layout (above) keeps every lane busy at any width. Channel chunks give small images enough
+// tasks for all threads (the forward has no reduction: any split gives the same result). A last, incomplete group
+// repeats its last channel (recomputing and rewriting equal values).
 template <typename scalar_t, bool MUL>
 void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t L = lanes<acc_t>();
   const GeoI g = a.g;
-  const int64_t Wr = (g.Wo + L - 1) / L * L, nvec = Wr / L;
-  const int64_t Q = (g.r * g.d + g.s - 1) / g.s, Lp = Wr + 2 * Q;  // Q: left padding of a phase row
-  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo;
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / (g.kk * Wr)));
-  const int64_t n_rb = (g.Ho + R - 1) / R;
-  const int64_t rows_in = std::min<int64_t>(g.H, (R - 1) * g.s + 2 * g.r * g.d + 1), PS = rows_in * g.s * Lp;
-  at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> spbuf(g.kk * R * Wr), raw(g.kk * R * g.Wo), tmp(2 * R * g.Wo), plane(DDF_NC * PS);
-    std::vector<const acc_t*> tap_in(g.kk), tap_sp(g.kk);
-    std::vector<acc_t> tap_ch(g.kk * DDF_NC);
-    std::vector<int64_t> col_off(g.k);  // per tap column: phase row * Lp + first index, in the padded buffer
-    for (int64_t jx = 0; jx < g.k; ++jx) {
-      const int64_t off = (jx - g.r) * g.d, p = ((off % g.s) + g.s) % g.s;
-      col_off[jx] = p * Lp + (off - p) / g.s + Q;
-    }
-    scalar_t* out_rows[DDF_NC];
+  TORCH_CHECK(g.s == 1, "ddf: internal error: the flat NCHW kernel needs stride 1");
+  const FlatGeo f = make_flat_geo<acc_t>(g);
+  const int64_t HW = g.H * g.W, n_rb = (g.Ho + f.R - 1) / f.R;
+  const int64_t n_groups = (g.Cg + DDF_NC - 1) / DDF_NC, outer = g.B * g.head * n_rb;
+  const int64_t n_cc = std::min(n_groups, (4 * at::get_num_threads() + outer - 1) / outer);
+  const int64_t gpc = (n_groups + n_cc - 1) / n_cc;  // groups per chunk
+  std::vector<int64_t> off(g.kk);
+  for (int64_t j = 0; j < g.kk; ++j) off[j] = (j / g.k) * g.d * f.Wp + (j % g.k) * g.d;
+  at::parallel_for(0, outer * n_cc, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> spf(g.kk * f.SS), raw(g.kk * f.R * g.Wo), tmp(2 * f.R * g.Wo);
+    std::vector<acc_t> plane(DDF_NC * f.PS), stage(DDF_NC * f.SS), chv(g.kk * DDF_NC);
+    int64_t bcs[DDF_NC];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
-      const int64_t y0 = rb * R, y1 = std::min(g.Ho, y0 + R);
-      load_spatial_masked<scalar_t>(a, bh, y0, y1, R, Wr, spbuf.data(), raw.data(), tmp.data());
-      const int64_t iy_lo = std::max<int64_t>(0, y0 * g.s - g.r * g.d);
-      const int64_t iy_hi = std::min<int64_t>(g.H, (y1 - 1) * g.s + g.r * g.d + 1);
-      const int64_t c1 = (h + 1) * g.Cg;
-      for (int64_t cb = h * g.Cg; cb < c1; cb += DDF_NC) {
-        int64_t bcs[DDF_NC];
+      const int64_t cc = task % n_cc, rb = (task / n_cc) % n_rb, bh = task / (n_cc * n_rb);
+      const int64_t b = bh / g.head, h = bh % g.head, y0 = rb * f.R, y1 = std::min(g.Ho, y0 + f.R);
+      const int64_t c1 = (h + 1) * g.Cg, cg0 = h * g.Cg + cc * gpc * DDF_NC;
+      const int64_t cg1 = std::min(c1, cg0 + gpc * DDF_NC);
+      if (cg0 >= cg1) continue;
+      load_spatial_flat<scalar_t>(a, f, a.sp + bh * g.kk * HW, y0, y1, spf.data(), raw.data(), tmp.data());
+      const int64_t nv = ((y1 - y0) * f.Wp + lanes<acc_t>() - 1) / lanes<acc_t>();
+      for (int64_t cb = cg0; cb < cg1; cb += DDF_NC) {
         for (int ci = 0; ci < DDF_NC; ++ci) {
-          bcs[ci] = b * g.C + std::min(cb + ci, c1 - 1);
-          load_padded_rows<scalar_t>(a.in + bcs[ci] * HW, g, iy_lo, iy_hi, Q, Lp, plane.data() + ci * PS);
+          bcs[ci] = b * g.C + std::min(cb + ci, cg1 - 1);
+          load_plane_flat<scalar_t>(a.in + bcs[ci] * HW, g, f, y0, y1, plane.data() + ci * f.PS);
+          for (int64_t j = 0; j < g.kk; ++j) chv[j * DDF_NC + ci] = static_cast<acc_t>(a.ch[bcs[ci] * g.kk + j]);
         }
-        for (int64_t y = y0; y < y1; ++y) {
-          int64_t nt = 0;
-          for (int64_t jy = 0; jy < g.k; ++jy) {
-            const int64_t iy = y * g.s + (jy - g.r) * g.d;
-            if (iy < 0 || iy >= g.H) continue;
-            const acc_t* in_row = plane.data() + (iy - iy_lo) * g.s * Lp;
-            for (int64_t jx = 0; jx < g.k; ++jx, ++nt) {
-              const int64_t j = jy * g.k + jx;
-              tap_in[nt] = in_row + col_off[jx];
-              tap_sp[nt] = spbuf.data() + (j * R + (y - y0)) * Wr;
-              for (int ci = 0; ci < DDF_NC; ++ci) tap_ch[nt * DDF_NC + ci] = static_cast<acc_t>(a.ch[bcs[ci] * g.kk + j]);
-            }
-          }
-          for (int ci = 0; ci < DDF_NC; ++ci) out_rows[ci] = a.out + bcs[ci] * HoWo + y * g.Wo;
-          const acc_t* const* ti = tap_in.data();
-          const acc_t* const* ts = tap_sp.data();
-          const acc_t* tc = tap_ch.data();
-          int64_t v = 0;
-          for (; v + 4 <= nvec; v += 4) nchw_block<4, scalar_t, MUL>(ti, ts, tc, nt, PS, v * L, g.Wo, out_rows);
-          switch (nvec - v) {
-            case 3: nchw_block<3, scalar_t, MUL>(ti, ts, tc, nt, PS, v * L, g.Wo, out_rows); break;
-            case 2: nchw_block<2, scalar_t, MUL>(ti, ts, tc, nt, PS, v * L, g.Wo, out_rows); break;
-            case 1: nchw_block<1, scalar_t, MUL>(ti, ts, tc, nt, PS, v * L, g.Wo, out_rows); break;
-            default: break;
-          }
-        }
+        const int64_t lo = std::max<int64_t>(0, y0 - f.P), hi = std::min(g.H, y1 + f.P);
+        for (int64_t c = cb + DDF_NC; c < std::min(cg1, cb + 2 * DDF_NC); ++c)  // the next group's input rows
+          prefetch_values(a.in + (b * g.C + c) * HW + lo * g.W, (hi - lo) * g.W);
+        nchw_flat_group<acc_t, MUL>(plane.data(), spf.data(), off.data(), chv.data(), g.kk, f, nv, stage.data());
+        for (int ci = 0; ci < DDF_NC; ++ci)
+          store_plane_flat<scalar_t>(stage.data() + ci * f.SS, g, f, y0, y1, a.out + bcs[ci] * HW);
       }
     }
   });
