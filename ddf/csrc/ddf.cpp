@@ -298,7 +298,7 @@ struct ForwardArgs {
 template <typename scalar_t>
 struct NhwcRow {  // one output row of the NHWC kernel
   const GeoI* g;
-  int64_t HK, osW;
+  int64_t HK, osW, isW, xstep;  // xstep: input stride between output pixels (stride * isW)
   const at::opmath_type<scalar_t>* taps;
   const int64_t* col;
   const scalar_t* zeros;

@@ -300,8 +300,10 @@ void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
 // -------------------------------------------------------------------------------------------------------------
 // NHWC: NP pixels x NCV channel vectors [c, c + NCV*L) of one output row. px[p]: the pixels' column indices;
 // taps[x * HK + h*kk + j]: the row's (masked) spatial filter; col[x * k + jx]: input column offset of each pixel's
-// tap column, -1 outside the image; rows[jy]: input row pointer, null outside the image.
-template <int NP, int NCV, typename scalar_t, bool MUL>
+// tap column, -1 outside the image; rows[jy]: input row pointer, null outside the image. INTERIOR: the pixels are
+// px[0] + p and all their tap columns are in the image, so addresses are computed, not looked up (no table loads,
+// no zero-pixel selects: most of the scalar work per pixel and tap when a head has few channel vectors).
+template <int NP, int NCV, typename scalar_t, bool MUL, bool INTERIOR>
 DDF_INLINE void nhwc_block(const NhwcRow<scalar_t>& r, const int64_t* px, int64_t hk0, int64_t c) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
@@ -318,10 +320,12 @@ DDF_INLINE void nhwc_block(const NhwcRow<scalar_t>& r, const int64_t* px, int64_
       const acc_t* chj = r.chb + j * g.C + c;
       V cv[NCV];
       for (int v = 0; v < NCV; ++v) cv[v] = vload<acc_t>(chj + v * L);
+      const scalar_t* base = row + (px[0] * g.s + (jx - g.r) * g.d) * r.isW + c;  // INTERIOR only
+      const acc_t* tap0 = r.taps + px[0] * r.HK + hk0 + j;
       for (int p = 0; p < NP; ++p) {
-        const V sv = splat<acc_t>(r.taps[px[p] * r.HK + hk0 + j]);
-        const int64_t o = r.col[px[p] * g.k + jx];
-        const scalar_t* in = (o < 0 ? r.zeros : row + o) + c;
+        const V sv = splat<acc_t>(INTERIOR ? tap0[p * r.HK] : r.taps[px[p] * r.HK + hk0 + j]);
+        const int64_t o = INTERIOR ? 0 : r.col[px[p] * g.k + jx];
+        const scalar_t* in = INTERIOR ? base + p * r.xstep : (o < 0 ? r.zeros : row + o) + c;
         for (int v = 0; v < NCV; ++v) acc[p][v] += load_acc<scalar_t>(in + v * L) * (MUL ? sv * cv[v] : sv + cv[v]);
       }
     }
@@ -351,16 +355,16 @@ DDF_INLINE void nhwc_pixel_scalar(const NhwcRow<scalar_t>& r, int64_t x, int64_t
 }
 
 // All channels of the NP pixels px[] (clamped to the row), head by head.
-template <int NP, typename scalar_t, bool MUL>
+template <int NP, typename scalar_t, bool MUL, bool INTERIOR>
 DDF_INLINE void nhwc_pixels(const NhwcRow<scalar_t>& r, const int64_t* px) {
   constexpr int64_t L = lanes<at::opmath_type<scalar_t>>(), W4 = DDF_NCV * L;
   const GeoI& g = *r.g;
   for (int64_t h = 0; h < g.head; ++h) {
     const int64_t c0 = h * g.Cg, c1 = c0 + g.Cg, hk0 = h * g.kk;
     if (g.Cg >= W4) {  // blocks of NCV vectors, the last one overlapping its predecessor
-      for (int64_t c = c0; c < c1; c += W4) nhwc_block<NP, DDF_NCV, scalar_t, MUL>(r, px, hk0, std::min(c, c1 - W4));
+      for (int64_t c = c0; c < c1; c += W4) nhwc_block<NP, DDF_NCV, scalar_t, MUL, INTERIOR>(r, px, hk0, std::min(c, c1 - W4));
     } else if (g.Cg >= L) {
-      for (int64_t c = c0; c < c1; c += L) nhwc_block<NP, 1, scalar_t, MUL>(r, px, hk0, std::min(c, c1 - L));
+      for (int64_t c = c0; c < c1; c += L) nhwc_block<NP, 1, scalar_t, MUL, INTERIOR>(r, px, hk0, std::min(c, c1 - L));
     } else {
       for (int p = 0; p < NP; ++p) nhwc_pixel_scalar<scalar_t, MUL>(r, px[p], hk0, c0, c1);
     }
@@ -380,13 +384,17 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const GeoI g = a.g;
   const int64_t HK = g.head * g.kk;
+  // output columns [x_in0, x_in1) have all k tap columns inside the image
+  const int64_t x_in0 = (g.r * g.d + g.s - 1) / g.s;
+  const int64_t x_in1 = std::max(x_in0, g.W - 1 - g.r * g.d >= 0 ? (g.W - 1 - g.r * g.d) / g.s + 1 : int64_t(0));
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> taps(g.Wo * HK);
     std::vector<int64_t> col(g.Wo * g.k);
     std::vector<scalar_t> zeros(g.C, scalar_t(0));
     std::vector<const scalar_t*> rows(g.k);
     NhwcRow<scalar_t> r;
-    r.g = &g; r.HK = HK; r.osW = a.osW; r.taps = taps.data(); r.col = col.data(); r.zeros = zeros.data();
+    r.g = &g; r.HK = HK; r.osW = a.osW; r.isW = a.isW; r.xstep = g.s * a.isW;
+    r.taps = taps.data(); r.col = col.data(); r.zeros = zeros.data();
     r.rows = rows.data();
     for (int64_t x = 0; x < g.Wo; ++x)
       for (int64_t jx = 0; jx < g.k; ++jx) {
@@ -414,7 +422,8 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
       int64_t px[DDF_NP];
       for (int64_t x = 0; x < g.Wo; x += DDF_NP) {
         for (int p = 0; p < DDF_NP; ++p) px[p] = std::min<int64_t>(x + p, g.Wo - 1);
-        nhwc_pixels<DDF_NP, scalar_t, MUL>(r, px);
+        if (x >= x_in0 && x + DDF_NP <= x_in1) nhwc_pixels<DDF_NP, scalar_t, MUL, true>(r, px);
+        else nhwc_pixels<DDF_NP, scalar_t, MUL, false>(r, px);
       }
     }
   });
