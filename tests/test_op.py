@@ -546,17 +546,18 @@ def test_cpp_forward_other_instruction_sets(isa):
 import torch, ddf
 from ddf.reference import ddf_reference
 g = torch.Generator().manual_seed(0)
-for (B, C, H, W, k, d, head, comb) in [(2, 12, 9, 23, 3, 1, 3, 'mul'), (1, 20, 6, 37, 5, 2, 2, 'add'),
-                                       (2, 8, 5, 3, 7, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 'mul'),
-                                       (1, 6, 30, 40, 3, 1, 2, 'mul')]:  # NCHW: 3 row blocks, 3 channels a head
+for (B, C, H, W, k, d, s, head, comb) in [(2, 12, 9, 23, 3, 1, 1, 3, 'mul'), (1, 20, 6, 37, 5, 2, 1, 2, 'add'),
+                                          (2, 8, 5, 3, 7, 1, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 1, 'mul'),
+                                          (1, 6, 30, 40, 3, 1, 1, 2, 'mul'),  # NCHW: 3 row blocks, 3 channels a head
+                                          (2, 8, 15, 22, 3, 1, 2, 1, 'mul'), (1, 6, 13, 9, 5, 2, 3, 2, 'add')]:
     x = torch.randn(B, C, H, W, generator=g); ch = torch.randn(B, C, k, k, generator=g)
-    sp = torch.randn(B, head * k * k, H, W, generator=g)
-    ref = ddf_reference(x.double(), ch.double(), sp.double(), k, d, 1, head, comb)
+    sp = torch.randn(B, head * k * k, (H - 1) // s + 1, (W - 1) // s + 1, generator=g)
+    ref = ddf_reference(x.double(), ch.double(), sp.double(), k, d, s, head, comb)
     for cl in (False, True):
         xi, spi = (x.contiguous(memory_format=torch.channels_last), sp.contiguous(memory_format=torch.channels_last)) if cl else (x, sp)
-        out = ddf.ddf(xi, ch, spi, k, d, 1, head, comb)
+        out = ddf.ddf(xi, ch, spi, k, d, s, head, comb)
         err = (out.double() - ref).abs().max().item()
-        assert err < 1e-4, (B, C, H, W, k, d, head, comb, cl, err)
+        assert err < 1e-4, (B, C, H, W, k, d, s, head, comb, cl, err)
 print("ok")
 """
     env = dict(os.environ, DDF_CPU_ISA=isa, DDF_BACKEND="cpp")

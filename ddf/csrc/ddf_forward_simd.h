@@ -110,15 +110,17 @@ DDF_INLINE void store_acc(scalar_t* p, const Vec<at::opmath_type<scalar_t>>& v) 
 }
 
 // -------------------------------------------------------------------------------------------------------------
-// NCHW, stride 1. A task's input planes are copied into zero-padded buffers of row stride Wp = W + 2P (P = r*d),
-// flattened: output (y, x) sits at flat index i = y * Wp + x and its tap (jy, jx) reads flat i + jy*d*Wp + jx*d,
-// one constant offset per tap. So a vector runs across row ends (the Wp - W padding columns in between compute
-// values that are never stored) and a block of any width keeps all lanes busy, with no per-row tap lists, bounds
-// tests or partial stores.
+// NCHW. A task's input planes are copied into zero-padded (P = r*d) buffers split into s x s stride phases (phase
+// (py, px) holds the padded rows = py and columns = px mod s), each flattened with row stride Wp = ceil((W+2P)/s):
+// output (y, x) sits at flat index i = y * Wp + x, and its tap (jy, jx) reads phase (jy*d mod s, jx*d mod s) at
+// flat i + (jy*d / s) * Wp + jx*d / s: one constant offset per tap, at any stride and dilation. So a vector runs
+// across row ends (the Wp - Wo columns in between compute values that are never stored) and a block of any width
+// keeps all lanes busy, with no per-row tap lists, bounds tests or partial stores.
 
 // Geometry of the flat buffers of one task of R output rows.
 struct FlatGeo {
-  int64_t P, Wp, R, nvec, SS, PS;  // pad, padded row, rows per task, vectors per block, tap/stage stride, plane stride
+  int64_t P, Wp, R, nvec, SS, PQ, PS;  // pad, phase row, rows per task, vectors per block, tap/stage stride,
+                                       // phase plane stride, channel plane stride (s*s phases)
 };
 
 template <typename acc_t>
@@ -126,11 +128,12 @@ FlatGeo make_flat_geo(const GeoI& g) {
   constexpr int64_t L = lanes<acc_t>();
   FlatGeo f;
   f.P = g.r * g.d;
-  f.Wp = g.W + 2 * f.P;
+  f.Wp = (g.W + 2 * f.P + g.s - 1) / g.s;
   f.R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / (g.kk * f.Wp)));  // the block's filter ~16 KB (L1)
   f.nvec = (f.R * f.Wp + L - 1) / L;
   f.SS = f.nvec * L;
-  f.PS = (f.R + 2 * f.P) * f.Wp + 2 * f.P + L;  // + the reach of the last vector's farthest tap
+  f.PQ = (f.R + 2 * f.P / g.s + 1) * f.Wp + L;  // + the reach of the last vector's farthest tap
+  f.PS = g.s * g.s * f.PQ;
   return f;
 }
 
@@ -173,11 +176,11 @@ void load_spatial_flat(const ForwardArgs<scalar_t>& a, const FlatGeo& f, const s
   for (int64_t j = 0; j < g.kk; ++j) {
     const int64_t jy = j / g.k;
     int64_t x0, x1;
-    valid_range((j % g.k - g.r) * g.d, 1, g.W, g.Wo, x0, x1);
+    valid_range((j % g.k - g.r) * g.d, g.s, g.W, g.Wo, x0, x1);
     acc_t* dst = spf + j * f.SS;
     std::fill(dst, dst + f.SS, acc_t(0));
     for (int64_t y = y0; y < y1; ++y) {
-      const int64_t iy = y + (jy - g.r) * g.d;
+      const int64_t iy = y * g.s + (jy - g.r) * g.d;
       if (iy < 0 || iy >= g.H) continue;
       const acc_t* src = raw + j * n + (y - y0) * g.Wo;
       for (int64_t x = std::max<int64_t>(x0, 0); x < std::min(x1, g.Wo); ++x) dst[(y - y0) * f.Wp + x] = src[x];
@@ -185,27 +188,30 @@ void load_spatial_flat(const ForwardArgs<scalar_t>& a, const FlatGeo& f, const s
   }
 }
 
-// Input rows [y0 - P, y1 + P) of one channel plane into its padded flat buffer (zeros outside the image).
+// The input rows that output rows [y0, y1) read, of one channel plane, into its padded, phase-split flat buffer
+// (zeros outside the image).
 template <typename scalar_t>
 void load_plane_flat(const scalar_t* DDF_RESTRICT in, const GeoI& g, const FlatGeo& f, int64_t y0, int64_t y1,
                      at::opmath_type<scalar_t>* DDF_RESTRICT plane) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t L = lanes<acc_t>();
-  const int64_t rows = (y1 - y0) + 2 * f.P;
-  for (int64_t yy = 0; yy < rows; ++yy) {
-    acc_t* DDF_RESTRICT row = plane + yy * f.Wp;
-    const int64_t iy = y0 - f.P + yy;
-    if (iy < 0 || iy >= g.H) {
-      std::fill(row, row + f.Wp, acc_t(0));
-      continue;
-    }
+  std::fill(plane, plane + f.PS, acc_t(0));
+  const int64_t iy0 = std::max<int64_t>(0, y0 * g.s - f.P), iy1 = std::min(g.H, (y1 - 1) * g.s + f.P + 1);
+  for (int64_t iy = iy0; iy < iy1; ++iy) {
+    const int64_t yy = iy + f.P;  // padded row: phase yy % s, phase row yy / s - y0
+    acc_t* DDF_RESTRICT row = plane + (yy % g.s) * g.s * f.PQ + (yy / g.s - y0) * f.Wp;
     const scalar_t* DDF_RESTRICT src = in + iy * g.W;
-    for (int64_t x = 0; x < f.P; ++x) row[x] = row[f.P + g.W + x] = acc_t(0);
-    int64_t x = 0;
-    for (; x + L <= g.W; x += L) vstore<acc_t>(row + f.P + x, load_acc<scalar_t>(src + x));
-    for (; x < g.W; ++x) row[f.P + x] = static_cast<acc_t>(src[x]);
+    if (g.s == 1) {
+      int64_t x = 0;
+      for (; x + L <= g.W; x += L) vstore<acc_t>(row + f.P + x, load_acc<scalar_t>(src + x));
+      for (; x < g.W; ++x) row[f.P + x] = static_cast<acc_t>(src[x]);
+    } else {
+      for (int64_t x = 0; x < g.W; ++x) {
+        const int64_t xx = x + f.P;
+        row[(xx % g.s) * f.PQ + xx / g.s] = static_cast<acc_t>(src[x]);
+      }
+    }
   }
-  std::fill(plane + rows * f.Wp, plane + f.PS, acc_t(0));
 }
 
 // Rows [y0, y1) of one channel's results from the flat stage into the output plane.
@@ -249,7 +255,7 @@ DDF_INLINE void prefetch_values(const scalar_t* p, int64_t n) {
 #endif
 }
 
-// NCHW forward, stride 1: one task per (b, head, block of R output rows, chunk of the head's channels).
+// NCHW forward: one task per (b, head, block of R output rows, chunk of the head's channels).
 // Loop order: task -> group of DDF_NC channels -> flat x-block of up to 4 vectors -> taps -> channels -> vectors,
 // with the DDF_NC x 4 accumulators in registers. Why: the block's spatial filter (L1-resident, prepared once per
 // task, normalised when `norm`) is reused by all the chunk's channels and each of its vectors by the DDF_NC channels
@@ -260,14 +266,16 @@ template <typename scalar_t, bool MUL>
 void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const GeoI g = a.g;
-  TORCH_CHECK(g.s == 1, "ddf: internal error: the flat NCHW kernel needs stride 1");
   const FlatGeo f = make_flat_geo<acc_t>(g);
-  const int64_t HW = g.H * g.W, n_rb = (g.Ho + f.R - 1) / f.R;
+  const int64_t HW = g.H * g.W, HoWo = g.Ho * g.Wo, n_rb = (g.Ho + f.R - 1) / f.R;
   const int64_t n_groups = (g.Cg + DDF_NC - 1) / DDF_NC, outer = g.B * g.head * n_rb;
   const int64_t n_cc = std::min(n_groups, (4 * at::get_num_threads() + outer - 1) / outer);
   const int64_t gpc = (n_groups + n_cc - 1) / n_cc;  // groups per chunk
   std::vector<int64_t> off(g.kk);
-  for (int64_t j = 0; j < g.kk; ++j) off[j] = (j / g.k) * g.d * f.Wp + (j % g.k) * g.d;
+  for (int64_t j = 0; j < g.kk; ++j) {
+    const int64_t oy = (j / g.k) * g.d, ox = (j % g.k) * g.d;
+    off[j] = ((oy % g.s) * g.s + ox % g.s) * f.PQ + (oy / g.s) * f.Wp + ox / g.s;
+  }
   at::parallel_for(0, outer * n_cc, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> spf(g.kk * f.SS), raw(g.kk * f.R * g.Wo), tmp(2 * f.R * g.Wo);
     std::vector<acc_t> plane(DDF_NC * f.PS), stage(DDF_NC * f.SS), chv(g.kk * DDF_NC);
@@ -278,7 +286,7 @@ void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
       const int64_t c1 = (h + 1) * g.Cg, cg0 = h * g.Cg + cc * gpc * DDF_NC;
       const int64_t cg1 = std::min(c1, cg0 + gpc * DDF_NC);
       if (cg0 >= cg1) continue;
-      load_spatial_flat<scalar_t>(a, f, a.sp + bh * g.kk * HW, y0, y1, spf.data(), raw.data(), tmp.data());
+      load_spatial_flat<scalar_t>(a, f, a.sp + bh * g.kk * HoWo, y0, y1, spf.data(), raw.data(), tmp.data());
       const int64_t nv = ((y1 - y0) * f.Wp + lanes<acc_t>() - 1) / lanes<acc_t>();
       for (int64_t cb = cg0; cb < cg1; cb += DDF_NC) {
         for (int ci = 0; ci < DDF_NC; ++ci) {
@@ -286,12 +294,12 @@ void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
           load_plane_flat<scalar_t>(a.in + bcs[ci] * HW, g, f, y0, y1, plane.data() + ci * f.PS);
           for (int64_t j = 0; j < g.kk; ++j) chv[j * DDF_NC + ci] = static_cast<acc_t>(a.ch[bcs[ci] * g.kk + j]);
         }
-        const int64_t lo = std::max<int64_t>(0, y0 - f.P), hi = std::min(g.H, y1 + f.P);
+        const int64_t lo = std::max<int64_t>(0, y0 * g.s - f.P), hi = std::min(g.H, (y1 - 1) * g.s + f.P + 1);
         for (int64_t c = cb + DDF_NC; c < std::min(cg1, cb + 2 * DDF_NC); ++c)  // the next group's input rows
           prefetch_values(a.in + (b * g.C + c) * HW + lo * g.W, (hi - lo) * g.W);
         nchw_flat_group<acc_t, MUL>(plane.data(), spf.data(), off.data(), chv.data(), g.kk, f, nv, stage.data());
         for (int ci = 0; ci < DDF_NC; ++ci)
-          store_plane_flat<scalar_t>(stage.data() + ci * f.SS, g, f, y0, y1, a.out + bcs[ci] * HW);
+          store_plane_flat<scalar_t>(stage.data() + ci * f.SS, g, f, y0, y1, a.out + bcs[ci] * HoWo);
       }
     }
   });
