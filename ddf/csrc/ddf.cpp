@@ -313,12 +313,7 @@ namespace isa_generic {
 #define DDF_F16C 0
 #define DDF_NP 4
 #define DDF_NCV 2
-#include "ddf_forward_simd.h"
-#undef DDF_VB
-#undef DDF_NC
-#undef DDF_F16C
-#undef DDF_NP
-#undef DDF_NCV
+#include "ddf_forward_simd.h"  // #undefs its DDF_* parameters
 }  // namespace isa_generic
 
 #if DDF_X86_ISAS
@@ -330,12 +325,7 @@ namespace isa_avx2 {
 #define DDF_F16C 1
 #define DDF_NP 4
 #define DDF_NCV 2
-#include "ddf_forward_simd.h"
-#undef DDF_VB
-#undef DDF_NC
-#undef DDF_F16C
-#undef DDF_NP
-#undef DDF_NCV
+#include "ddf_forward_simd.h"  // #undefs its DDF_* parameters
 #pragma GCC pop_options
 }  // namespace isa_avx2
 
@@ -347,12 +337,7 @@ namespace isa_avx512 {
 #define DDF_F16C 1
 #define DDF_NP 4
 #define DDF_NCV 4
-#include "ddf_forward_simd.h"
-#undef DDF_VB
-#undef DDF_NC
-#undef DDF_F16C
-#undef DDF_NP
-#undef DDF_NCV
+#include "ddf_forward_simd.h"  // #undefs its DDF_* parameters
 #pragma GCC pop_options
 }  // namespace isa_avx512
 #endif

@@ -4,7 +4,8 @@
 //   DDF_VB    vector size in bytes (16: SSE2/NEON/generic, 32: AVX2, 64: AVX-512),
 //   DDF_F16C  1 when float16 <-> float32 vector conversions (F16C / AVX-512F) may be used,
 //   DDF_NC    channels per register block of the NCHW kernel,
-//   DDF_NP, DDF_NCV  register block of the NHWC kernel (pixels x channel vectors).
+//   DDF_NP, DDF_NCV  register block of the NHWC kernel (pixels x channel vectors);
+// it #undefs them at its end.
 // The loop nests are described at the top of each kernel. Both rely on the channel filter being finite (checked by
 // the caller): a tap outside the image reads a zero input with its spatial filter value zeroed, which contributes
 // exactly 0 only then (the caller runs the exact skipping kernels otherwise).
@@ -439,3 +440,10 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
     }
   });
 }
+
+// The parameters are per inclusion: the next one defines its own.
+#undef DDF_VB
+#undef DDF_NC
+#undef DDF_F16C
+#undef DDF_NP
+#undef DDF_NCV
