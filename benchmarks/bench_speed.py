@@ -203,6 +203,9 @@ def main(argv=None):
               f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads, fp32, {rounds} interleaved rounds (medians)",
               f"- {ddf.backend_info()}", f"- load average before: {' '.join(load)}"]
+    if load[0] != "?" and float(load[0]) > 0.5 * (os.cpu_count() or 1):
+        header.append(f"- WARNING: the machine is busy (load {load[0]} on {os.cpu_count()} cores): threads of one "
+                      "op wait for descheduled peers, so the ratios are unreliable")
     rows = op_rows(rounds) + module_rows(rounds, (7, 28) if args.quick else (7, 14, 28, 56))
     if not args.quick:
         rows += resnet_rows(rounds)
