@@ -621,6 +621,9 @@ NhwcBwdArgs<scalar_t> nhwc_bwd_args(const Tensor& gout, const Tensor& input, con
   return a;
 }
 
+// Output pixels per group of the NHWC grad_spatial / grad_channel loop (nhwc_filter_grads_row).
+constexpr int64_t kNhwcBwdPixels = 4;
+
 // Per-thread scratch of the NHWC backward.
 template <typename acc_t>
 struct NhwcBwdScratch {
@@ -628,7 +631,7 @@ struct NhwcBwdScratch {
   std::vector<const acc_t*> tap_go, tap_ch;  // the valid taps of one grad_input pixel
   NhwcBwdScratch(const GeoI& g, int64_t R)
       : spn(bwd_halo_rows(g, R) * g.Wo * g.head * g.kk), stat(bwd_halo_rows(g, R) * g.Wo * g.head * 2),
-        G(g.head * g.kk), acc(g.C), go_buf(g.C), in_buf(g.C),
+        G(kNhwcBwdPixels * g.head * g.kk), acc(g.C), go_buf(kNhwcBwdPixels * g.C), in_buf(kNhwcBwdPixels * g.C),
         go_taps(g.kk * g.C),  // converted grad_output pixels (half types)
         tap_sp(g.kk * g.head), tap_go(g.kk), tap_ch(g.kk) {}
 };

@@ -10,15 +10,16 @@
 // NCHW, once per tap and pixel in NHWC).
 template <typename acc_t, int VB, typename V>
 DDF_INLINE acc_t bwd_hsum(V x) {
-  if constexpr (VB == int(sizeof(acc_t))) {
-    acc_t s;
-    std::memcpy(&s, &x, sizeof(s));
-    return s;
-  } else {
+  constexpr int n = VB / int(sizeof(acc_t));
+  if constexpr (n == 1) {
+    return x[0];
+  } else {  // lane subscripts, not memcpy: an addressed accumulator would be kept on the stack in the loops
     typedef acc_t half_t __attribute__((vector_size(VB / 2)));
     half_t lo, hi;
-    std::memcpy(&lo, &x, sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(lo), sizeof(hi));
+    DDF_UNROLL for (int i = 0; i < n / 2; ++i) {
+      lo[i] = x[i];
+      hi[i] = x[i + n / 2];
+    }
     return bwd_hsum<acc_t, VB / 2>(lo + hi);
   }
 }
@@ -347,41 +348,118 @@ DDF_INLINE acc_t nhwc_tap_sum(const acc_t* DDF_RESTRICT gp, const acc_t* DDF_RES
   return sum;
 }
 
-// grad_spatial of output row y (written) and its grad_channel contributions (part[j * C + c]).
-// Loop order: x > tap > head > channel (inner, vectorised; the head's channel sum is grad_spatial of the tap).
+// As nhwc_tap_sum for 4 pixels at once (sums[p], spatial taps sv[p]): the pixels share one load of the channel
+// filter and one load + store of pj per vector. Named registers, not arrays: arrays of vectors were kept on the
+// stack (the may_alias stores to pj may alias them).
+template <typename acc_t, bool MUL>
+DDF_INLINE void nhwc_tap_sum4(const acc_t* const* gp, const acc_t* const* px, const acc_t* DDF_RESTRICT cj,
+                              acc_t* DDF_RESTRICT pj, const acc_t* sv, acc_t* sums, int64_t c0, int64_t c1) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  constexpr int64_t V = VT::n;
+  const acc_t *g0 = gp[0], *g1 = gp[1], *g2 = gp[2], *g3 = gp[3];
+  const acc_t *x0 = px[0], *x1 = px[1], *x2 = px[2], *x3 = px[3];
+  const acc_t a0 = sv[0], a1 = sv[1], a2 = sv[2], a3 = sv[3];
+  const vec w0 = VT::splat(a0), w1 = VT::splat(a1), w2 = VT::splat(a2), w3 = VT::splat(a3);
+  vec s0 = VT::splat(0), s1 = s0, s2 = s0, s3 = s0;
+  int64_t c = c0;
+  for (; c + V <= c1; c += V) {
+    const vec cv = VT::load(cj + c);
+    const vec v0 = VT::load(g0 + c) * VT::load(x0 + c), v1 = VT::load(g1 + c) * VT::load(x1 + c);
+    const vec v2 = VT::load(g2 + c) * VT::load(x2 + c), v3 = VT::load(g3 + c) * VT::load(x3 + c);
+    s0 += MUL ? v0 * cv : v0;
+    s1 += MUL ? v1 * cv : v1;
+    s2 += MUL ? v2 * cv : v2;
+    s3 += MUL ? v3 * cv : v3;
+    VT::store(pj + c, VT::load(pj + c) + (MUL ? (v0 * w0 + v1 * w1) + (v2 * w2 + v3 * w3) : (v0 + v1) + (v2 + v3)));
+  }
+  acc_t t0 = VT::sum(s0), t1 = VT::sum(s1), t2 = VT::sum(s2), t3 = VT::sum(s3);
+  for (; c < c1; ++c) {
+    const acc_t v0 = g0[c] * x0[c], v1 = g1[c] * x1[c], v2 = g2[c] * x2[c], v3 = g3[c] * x3[c];
+    t0 += MUL ? v0 * cj[c] : v0;
+    t1 += MUL ? v1 * cj[c] : v1;
+    t2 += MUL ? v2 * cj[c] : v2;
+    t3 += MUL ? v3 * cj[c] : v3;
+    pj[c] += MUL ? (v0 * a0 + v1 * a1) + (v2 * a2 + v3 * a3) : (v0 + v1) + (v2 + v3);
+  }
+  sums[0] = t0; sums[1] = t1; sums[2] = t2; sums[3] = t3;
+}
+
+// grad_spatial (written) and grad_channel contributions (part[j * C + c]) of the NP output pixels x .. x+NP-1 of
+// row y, which read the same taps inside the image. Loop order: tap > head > channel (inner, vectorised; the
+// head's channel sum is grad_spatial of the tap) > pixel.
+template <int NP, typename scalar_t, bool MUL>
+DDF_INLINE void nhwc_filter_grads_pixels(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t,
+                                         int64_t b, int64_t y, int64_t x, const at::opmath_type<scalar_t>* chb,
+                                         at::opmath_type<scalar_t>* part, NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t hkk = g.head * g.kk;
+  acc_t* DDF_RESTRICT G = ws.G.data();
+  const acc_t* taps[NP];
+  const acc_t* gp[NP];
+  const acc_t* px[NP];
+  acc_t sv[NP], sums[NP];
+  DDF_UNROLL for (int p = 0; p < NP; ++p) {
+    taps[p] = ws.spn.data() + ((y - t.ya) * g.Wo + x + p) * hkk;
+    gp[p] = acc_view(A.go + b * A.gsB + y * A.gsH + (x + p) * A.gsW, g.C, ws.go_buf.data() + p * g.C);
+  }
+  std::fill(G, G + NP * hkk, acc_t(0));
+  for (int64_t jy = 0; jy < g.k; ++jy) {
+    const int64_t iy = y * g.s + (jy - g.r) * g.d;
+    if (iy < 0 || iy >= g.H) continue;
+    for (int64_t jx = 0; jx < g.k; ++jx) {
+      const int64_t ix = x * g.s + (jx - g.r) * g.d, j = jy * g.k + jx;
+      if (ix < 0 || ix >= g.W) continue;
+      DDF_UNROLL for (int p = 0; p < NP; ++p)
+        px[p] = acc_view(A.in + b * A.isB + iy * A.isH + (ix + p * g.s) * A.isW, g.C, ws.in_buf.data() + p * g.C);
+      for (int64_t h = 0; h < g.head; ++h) {
+        DDF_UNROLL for (int p = 0; p < NP; ++p) sv[p] = taps[p][h * g.kk + j];
+        if constexpr (NP == 4)
+          nhwc_tap_sum4<acc_t, MUL>(gp, px, chb + j * g.C, part + j * g.C, sv, sums, h * g.Cg, (h + 1) * g.Cg);
+        else
+          sums[0] = nhwc_tap_sum<acc_t, MUL>(gp[0], px[0], chb + j * g.C, part + j * g.C, sv[0], h * g.Cg, (h + 1) * g.Cg);
+        DDF_UNROLL for (int p = 0; p < NP; ++p) G[p * hkk + h * g.kk + j] = sums[p];
+      }
+    }
+  }
+}
+
+// True when the output pixels x .. x+n-1 of a row all read (or all skip) each tap column jx.
+inline bool same_tap_columns(const GeoI& g, int64_t x, int64_t n) {
+  if (x + n > g.Wo) return false;
+  for (int64_t jx = 0; jx < g.k; ++jx) {
+    const int64_t off = (jx - g.r) * g.d, a = x * g.s + off, e = (x + n - 1) * g.s + off;
+    const bool in_a = a >= 0 && a < g.W, in_e = e >= 0 && e < g.W;
+    if (in_a != in_e || (!in_a && a < 0 && e >= g.W)) return false;  // monotone in x: the ends decide
+  }
+  return true;
+}
+
+// grad_spatial of output row y (written) and its grad_channel contributions, in groups of kNhwcBwdPixels pixels
+// that read the same taps (single pixels at the image edges).
 template <typename scalar_t, bool MUL>
 DDF_INLINE void nhwc_filter_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI& g, const BwdRows& t, int64_t b,
                                       int64_t y, const at::opmath_type<scalar_t>* chb, bool norm,
                                       at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* part,
                                       NhwcBwdScratch<at::opmath_type<scalar_t>>& ws) {
-  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int NP = int(kNhwcBwdPixels);
+  static_assert(NP == 4, "nhwc_filter_grads_pixels has 1- and 4-pixel tap kernels");
   const int64_t hkk = g.head * g.kk;
-  acc_t* DDF_RESTRICT G = ws.G.data();
-  for (int64_t x = 0; x < g.Wo; ++x) {
-    const int64_t pix = (y - t.ya) * g.Wo + x;
-    const acc_t* DDF_RESTRICT taps = ws.spn.data() + pix * hkk;
-    const acc_t* DDF_RESTRICT gp = acc_view(A.go + b * A.gsB + y * A.gsH + x * A.gsW, g.C, ws.go_buf.data());
-    std::fill(G, G + hkk, acc_t(0));
-    for (int64_t jy = 0; jy < g.k; ++jy) {
-      const int64_t iy = y * g.s + (jy - g.r) * g.d;
-      if (iy < 0 || iy >= g.H) continue;
-      for (int64_t jx = 0; jx < g.k; ++jx) {
-        const int64_t ix = x * g.s + (jx - g.r) * g.d, j = jy * g.k + jx;
-        if (ix < 0 || ix >= g.W) continue;
-        const acc_t* DDF_RESTRICT px = acc_view(A.in + b * A.isB + iy * A.isH + ix * A.isW, g.C, ws.in_buf.data());
-        const acc_t* DDF_RESTRICT cj = chb + j * g.C;
-        acc_t* DDF_RESTRICT pj = part + j * g.C;
-        for (int64_t h = 0; h < g.head; ++h)
-          G[h * g.kk + j] = nhwc_tap_sum<acc_t, MUL>(gp, px, cj, pj, taps[h * g.kk + j], h * g.Cg, (h + 1) * g.Cg);
-      }
+  for (int64_t x = 0; x < g.Wo;) {
+    const int np = same_tap_columns(g, x, NP) ? NP : 1;
+    if (np == NP) nhwc_filter_grads_pixels<NP, scalar_t, MUL>(A, g, t, b, y, x, chb, part, ws);
+    else nhwc_filter_grads_pixels<1, scalar_t, MUL>(A, g, t, b, y, x, chb, part, ws);
+    for (int p = 0; p < np; ++p, ++x) {
+      const int64_t pix = (y - t.ya) * g.Wo + x;
+      bwd_store_pixel<scalar_t>(ws.G.data() + p * hkk, A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC,
+                                ws.stat.data() + pix * g.head * 2, g, norm, gain,
+                                A.gsp + b * A.tsB + y * A.tsH + x * A.tsW, A.tsC);
     }
-    bwd_store_pixel<scalar_t>(G, A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, ws.stat.data() + pix * g.head * 2,
-                              g, norm, gain, A.gsp + b * A.tsB + y * A.tsH + x * A.tsW, A.tsC);
   }
 }
 
 // grad_input of input row iy, gathered per pixel from the output pixels that read it.
-// Loop order: ix > head > channel vector pair (two register accumulators) > the pixel's valid taps (listed first:
+// Loop order: ix > head > 4 (else 2) channel vectors (register accumulators) > the pixel's valid taps (listed first:
 // grad_output pixel, channel filter row, spatial tap per head), so each tap costs two loads and two vector
 // operations and the result is stored once.
 template <typename scalar_t, bool MUL>
@@ -417,6 +495,21 @@ DDF_INLINE void nhwc_input_grads_row(const NhwcBwdArgs<scalar_t>& A, const GeoI&
     for (int64_t h = 0; h < g.head; ++h) {
       const int64_t c1 = (h + 1) * g.Cg;
       int64_t c = h * g.Cg;
+      for (; c + 4 * V <= c1; c += 4 * V) {  // four accumulators: the sums over taps are a dependency chain
+        vec a0 = VT::splat(0), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t e = 0; e < nt; ++e) {
+          const acc_t sv = tsv[e * g.head + h];
+          const acc_t *gp = tgp[e] + c, *cj = tcj[e] + c;
+          a0 += VT::load(gp) * (MUL ? VT::load(cj) * sv : VT::load(cj) + sv);
+          a1 += VT::load(gp + V) * (MUL ? VT::load(cj + V) * sv : VT::load(cj + V) + sv);
+          a2 += VT::load(gp + 2 * V) * (MUL ? VT::load(cj + 2 * V) * sv : VT::load(cj + 2 * V) + sv);
+          a3 += VT::load(gp + 3 * V) * (MUL ? VT::load(cj + 3 * V) * sv : VT::load(cj + 3 * V) + sv);
+        }
+        VT::store(acc + c, a0);
+        VT::store(acc + c + V, a1);
+        VT::store(acc + c + 2 * V, a2);
+        VT::store(acc + c + 3 * V, a3);
+      }
       for (; c + 2 * V <= c1; c += 2 * V) {
         vec a0 = VT::splat(0), a1 = VT::splat(0);
         for (int64_t e = 0; e < nt; ++e) {
