@@ -215,6 +215,38 @@ DDF_INLINE void nchw_filter_grads(const GeoI& g, const NchwBwdLayout& L, const B
   }
 }
 
+// grad_input row buffer pr of an input row read by 3 output rows (rows_jy/rows_yy) through the 3 taps of one
+// stride phase each (k = 3, stride 1): the 9 products are summed in registers and pr is stored once.
+template <typename acc_t, bool MUL>
+DDF_INLINE void nchw_input_row9(const NchwBwdScratch<acc_t>& ws, const NchwBwdLayout& L, const int64_t* rows_jy,
+                                const int64_t* rows_yy, const int64_t* pjx, const int64_t* pq, const acc_t* chv,
+                                int64_t k, int64_t tap_stride, acc_t* DDF_RESTRICT pr) {
+  using VT = BwdVec<acc_t>;
+  using vec = typename VT::v;
+  const acc_t* gr[3];
+  const acc_t* sr[3];
+  acc_t cf[9];
+  DDF_UNROLL for (int e = 0; e < 3; ++e) {
+    gr[e] = ws.gob.data() + rows_yy[e] * L.SW + L.P;
+    sr[e] = ws.spn.data() + (rows_jy[e] * k * L.NS + rows_yy[e]) * L.SW + L.P;
+    DDF_UNROLL for (int i = 0; i < 3; ++i) cf[e * 3 + i] = chv[rows_jy[e] * k + pjx[i]];
+  }
+  const int64_t q0 = pq[0], q1 = pq[1], q2 = pq[2];
+  const int64_t o0 = pjx[0] * tap_stride - q0, o1 = pjx[1] * tap_stride - q1, o2 = pjx[2] * tap_stride - q2;
+  const acc_t *g0 = gr[0], *g1 = gr[1], *g2 = gr[2], *s0 = sr[0], *s1 = sr[1], *s2 = sr[2];
+  const acc_t c00 = cf[0], c01 = cf[1], c02 = cf[2], c10 = cf[3], c11 = cf[4], c12 = cf[5];
+  const acc_t c20 = cf[6], c21 = cf[7], c22 = cf[8];
+  const int64_t Wv = L.Wv;
+  for (int64_t m = 0; m < Wv; m += VT::n) {
+#define DDF_T(gp, sp, q, o, c) (VT::load(gp + m - q) * (MUL ? VT::load(sp + m + o) * c : VT::load(sp + m + o) + c))
+    const vec r0 = DDF_T(g0, s0, q0, o0, c00) + DDF_T(g0, s0, q1, o1, c01) + DDF_T(g0, s0, q2, o2, c02);
+    const vec r1 = DDF_T(g1, s1, q0, o0, c10) + DDF_T(g1, s1, q1, o1, c11) + DDF_T(g1, s1, q2, o2, c12);
+    const vec r2 = DDF_T(g2, s2, q0, o0, c20) + DDF_T(g2, s2, q1, o1, c21) + DDF_T(g2, s2, q2, o2, c22);
+#undef DDF_T
+    VT::store(pr + m, r0 + r1 + r2);
+  }
+}
+
 // grad_input of one channel over the block's input rows, gathered from the output rows that read each row.
 // Loop order: input row > stride phase > taps of that phase > x-vector, accumulated in a row buffer (no
 // loop-carried dependency in the x loop) and written once. The taps that read an input row (jy) and those of a
@@ -242,6 +274,10 @@ DDF_INLINE void nchw_input_grads(const GeoI& g, const NchwBwdLayout& L, const Bw
       const int64_t* pjx = L.phase_jx.data() + p * g.k;
       const int64_t* pq = L.phase_q.data() + p * g.k;
       acc_t* pr = ws.prow.data() + p * Wv;
+      if (nrows == 3 && cnt == 3) {  // k = 3, stride 1, an inner row: all 9 taps in one pass, summed in registers
+        nchw_input_row9<acc_t, MUL>(ws, L, rows_jy, rows_yy, pjx, pq, chv, g.k, tap_stride, pr);
+        continue;
+      }
       std::fill(pr, pr + Wv, acc_t(0));
       for (int64_t e = 0; e < nrows; ++e) {
         const int64_t jy = rows_jy[e], yy = rows_yy[e];
