@@ -161,57 +161,76 @@ DDF_INLINE void nchw_bwd_load_channel(const scalar_t* in, const scalar_t* go, co
   }
 }
 
-// Taps jx0 .. jx0 + NT - 1 of tap row jy over the block's rows: their grad_spatial rows are accumulated in gacc,
-// their grad_channel sums in NT registers (reduced once per channel), and one grad_output load serves the NT taps.
-template <int NT, typename acc_t, bool MUL>
+// Taps jx0 .. jx0 + NT - 1 of tap row jy over the block's rows, for one channel (ws.gob / ws.inb, chv, gcv) or, with
+// TWO, also a second one (gob2 / inb2, chv2, gcv2): their grad_spatial rows are accumulated in gacc (one load +
+// store per vector for both channels), their grad_channel sums in registers (reduced once per channel), and one
+// grad_output load per channel serves the NT taps.
+template <int NT, bool TWO, typename acc_t, bool MUL>
 DDF_INLINE void nchw_tap_group(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t, int64_t jy, int64_t jx0,
-                               const acc_t* chv, acc_t* gcv, NchwBwdScratch<acc_t>& ws) {
+                               const acc_t* chv, acc_t* gcv, const acc_t* chv2, acc_t* gcv2, const acc_t* gob2,
+                               const acc_t* inb2, NchwBwdScratch<acc_t>& ws) {
   using VT = BwdVec<acc_t>;
   using vec = typename VT::v;
   constexpr int64_t V = VT::n;  // loop bounds in locals: the may_alias vector stores would force reloads
   const int64_t Wv = L.Wv, j0 = jy * g.k + jx0;
-  vec gs[NT], cj[NT];
+  vec gs[NT], cj[NT], gs2[NT], cj2[NT];
   int64_t soff[NT];
   DDF_UNROLL for (int i = 0; i < NT; ++i) {
     gs[i] = VT::splat(0);
     cj[i] = VT::splat(chv[j0 + i]);
+    gs2[i] = VT::splat(0);
+    cj2[i] = VT::splat(TWO ? chv2[j0 + i] : acc_t(0));
     soff[i] = phase_offset((jx0 + i - g.r) * g.d, g.s, L.SW);
   }
   for (int64_t y = t.y0; y < t.y1; ++y) {
     const int64_t iy = y * g.s + (jy - g.r) * g.d;
     if (iy < 0 || iy >= g.H) continue;
-    const acc_t* gor = ws.gob.data() + (y - t.ya) * L.SW + L.P;
-    const acc_t* inr = ws.inb.data() + ((y - t.y0) * g.s + jy * g.d) * g.s * L.SW + L.P;
-    const acc_t* src[NT];
+    const int64_t go_off = (y - t.ya) * L.SW + L.P, in_off = ((y - t.y0) * g.s + jy * g.d) * g.s * L.SW + L.P;
+    const acc_t* gor = ws.gob.data() + go_off;
+    const acc_t* inr = ws.inb.data() + in_off;
+    const acc_t* gor2 = TWO ? gob2 + go_off : gor;
+    const acc_t* inr2 = TWO ? inb2 + in_off : inr;
     const acc_t* spr[NT];
     acc_t* acc[NT];
     DDF_UNROLL for (int i = 0; i < NT; ++i) {
-      src[i] = inr + soff[i];
       spr[i] = ws.spn.data() + ((j0 + i) * L.NS + y - t.ya) * L.SW + L.P;
       acc[i] = ws.gacc.data() + ((j0 + i) * L.R + y - t.y0) * Wv;
     }
     for (int64_t x = 0; x < Wv; x += V) {
       const vec go = VT::load(gor + x);
+      const vec go2 = TWO ? VT::load(gor2 + x) : go;
       DDF_UNROLL for (int i = 0; i < NT; ++i) {
-        const vec v = go * VT::load(src[i] + x);
-        VT::store(acc[i] + x, VT::load(acc[i] + x) + (MUL ? v * cj[i] : v));
-        gs[i] += MUL ? v * VT::load(spr[i] + x) : v;
+        const vec v = go * VT::load(inr + soff[i] + x);
+        const vec sv = VT::load(spr[i] + x);
+        vec a = VT::load(acc[i] + x) + (MUL ? v * cj[i] : v);
+        gs[i] += MUL ? v * sv : v;
+        if constexpr (TWO) {
+          const vec v2 = go2 * VT::load(inr2 + soff[i] + x);
+          a += MUL ? v2 * cj2[i] : v2;
+          gs2[i] += MUL ? v2 * sv : v2;
+        }
+        VT::store(acc[i] + x, a);
       }
     }
   }
-  DDF_UNROLL for (int i = 0; i < NT; ++i) gcv[j0 + i] = VT::sum(gs[i]);
+  DDF_UNROLL for (int i = 0; i < NT; ++i) {
+    gcv[j0 + i] = VT::sum(gs[i]);
+    if constexpr (TWO) gcv2[j0 + i] = VT::sum(gs2[i]);
+  }
 }
 
-// grad_spatial (accumulated into gacc) and grad_channel (gcv[j]) of one channel over the block's output rows.
-// Loop order: tap row > group of up to 3 taps > row > x-vector.
-template <typename acc_t, bool MUL>
+// grad_spatial (accumulated into gacc) and grad_channel (gcv[j]) of one channel (or, with TWO, two: see
+// nchw_tap_group) over the block's output rows. Loop order: tap row > group of up to 3 taps > row > x-vector.
+template <bool TWO, typename acc_t, bool MUL>
 DDF_INLINE void nchw_filter_grads(const GeoI& g, const NchwBwdLayout& L, const BwdRows& t, const acc_t* chv,
-                                  acc_t* gcv, NchwBwdScratch<acc_t>& ws) {
+                                  acc_t* gcv, const acc_t* chv2, acc_t* gcv2, const acc_t* gob2, const acc_t* inb2,
+                                  NchwBwdScratch<acc_t>& ws) {
   for (int64_t jy = 0; jy < g.k; ++jy) {
     int64_t jx = 0;
-    for (; jx + 3 <= g.k; jx += 3) nchw_tap_group<3, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, ws);
-    if (g.k - jx == 2) nchw_tap_group<2, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, ws);
-    if (g.k - jx == 1) nchw_tap_group<1, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, ws);
+    for (; jx + 3 <= g.k; jx += 3)
+      nchw_tap_group<3, TWO, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, chv2, gcv2, gob2, inb2, ws);
+    if (g.k - jx == 2) nchw_tap_group<2, TWO, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, chv2, gcv2, gob2, inb2, ws);
+    if (g.k - jx == 1) nchw_tap_group<1, TWO, acc_t, MUL>(g, L, t, jy, jx, chv, gcv, chv2, gcv2, gob2, inb2, ws);
   }
 }
 
@@ -336,21 +355,40 @@ void backward_nchw_simd(const NchwBwdArgs<scalar_t>& A) {
   const NchwBwdLayout L(g, R, BwdVec<acc_t>::n);
   at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) {
     NchwBwdScratch<acc_t> ws(g, L);
-    std::vector<acc_t> chv(g.kk), gcv(g.kk);
+    std::vector<acc_t> chv(g.kk), gcv(g.kk), chv2(g.kk), gcv2(g.kk), gob2(ws.gob.size()), inb2(ws.inb.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
       const BwdRows t = bwd_rows(g, rb, R);
       const scalar_t* spb = A.sp + bh * g.kk * HoWo;
       nchw_bwd_load_spatial<scalar_t>(spb, g, L, t.ya, t.yb, norm, gn, ws);
       std::fill(ws.gacc.begin(), ws.gacc.end(), acc_t(0));
-      for (int64_t c = h * g.Cg; c < (h + 1) * g.Cg; ++c) {
+      const int64_t c_end = (h + 1) * g.Cg;
+      for (int64_t c = h * g.Cg; c < c_end; c += 2) {  // channel pairs (see nchw_tap_group), a last single one
+        const bool two = c + 1 < c_end;
         const int64_t bc = b * g.C + c;
         for (int64_t j = 0; j < g.kk; ++j) chv[j] = static_cast<acc_t>(A.ch[bc * g.kk + j]);
+        if (two) {  // channel c + 1 into ws2's buffers (swapped, not copied)
+          for (int64_t j = 0; j < g.kk; ++j) chv2[j] = static_cast<acc_t>(A.ch[(bc + 1) * g.kk + j]);
+          nchw_bwd_load_channel<scalar_t>(A.in + (bc + 1) * HW, A.go + (bc + 1) * HoWo, g, L, t, ws);
+          std::swap(ws.gob, gob2);
+          std::swap(ws.inb, inb2);
+        }
         nchw_bwd_load_channel<scalar_t>(A.in + bc * HW, A.go + bc * HoWo, g, L, t, ws);
-        if (c + 1 < (h + 1) * g.Cg) bwd_prefetch_channel(A.in + (bc + 1) * HW, A.go + (bc + 1) * HoWo, g, t);
-        nchw_filter_grads<acc_t, MUL>(g, L, t, chv.data(), gcv.data(), ws);
+        if (c + 2 < c_end) bwd_prefetch_channel(A.in + (bc + 2) * HW, A.go + (bc + 2) * HoWo, g, t);
+        if (c + 3 < c_end) bwd_prefetch_channel(A.in + (bc + 3) * HW, A.go + (bc + 3) * HoWo, g, t);
+        if (two) {
+          nchw_filter_grads<true, acc_t, MUL>(g, L, t, chv.data(), gcv.data(), chv2.data(), gcv2.data(),
+                                              gob2.data(), inb2.data(), ws);
+        } else {
+          nchw_filter_grads<false, acc_t, MUL>(g, L, t, chv.data(), gcv.data(), nullptr, nullptr, nullptr, nullptr, ws);
+        }
         nchw_input_grads<scalar_t, MUL>(g, L, t, chv.data(), A.gin + bc * HW, ws);
         for (int64_t j = 0; j < g.kk; ++j) A.partial[(bc * n_rb + rb) * g.kk + j] = gcv[j];
+        if (!two) continue;
+        std::swap(ws.gob, gob2);
+        std::swap(ws.inb, inb2);
+        nchw_input_grads<scalar_t, MUL>(g, L, t, chv2.data(), A.gin + (bc + 1) * HW, ws);
+        for (int64_t j = 0; j < g.kk; ++j) A.partial[(bc + 1) * n_rb * g.kk + rb * g.kk + j] = gcv2[j];
       }
       nchw_bwd_store_spatial<scalar_t>(spb, g, L, t.ya, t.y0, t.y1, norm, gn, A.gsp + bh * g.kk * HoWo, ws);
     }
