@@ -150,6 +150,14 @@ BACKWARD_PATH_CONFIGS = [
     (1, 7, 1, 12, 3, 1, 1, 1, "add"),
     (3, 4, 10, 1, 3, 2, 2, 2, "mul"),
     (1, 4, 6, 4, 7, 3, 1, 1, "mul"),  # taps far outside a small image
+    # small planes with >= 8 (b, head) planes: one row block per plane (no halo), NCHW and channels_last
+    (4, 6, 7, 7, 3, 1, 1, 2, "mul"),
+    (8, 3, 5, 9, 3, 1, 1, 1, "add"),
+    (2, 8, 9, 6, 5, 1, 2, 4, "mul"),
+    # NCHW with <= 8 output columns and >= 16 channels per head: run by the channels-last kernel
+    (2, 32, 7, 7, 3, 1, 1, 2, "mul"),
+    (3, 20, 9, 8, 5, 2, 1, 1, "add"),
+    (2, 16, 13, 15, 3, 1, 2, 1, "mul"),
 ]
 
 
@@ -187,9 +195,9 @@ def test_cpp_backward_channels_last_non_contiguous_filters(spatial_norm):
 def test_cpp_backward_does_not_depend_on_thread_count():
     """Fixed task layout and block-ordered grad_channel reduction: bitwise equal results for 1 and 2 threads."""
     threads = torch.get_num_threads()
-    for cl, norm in ((False, False), (True, True), (False, True)):
-        x, ch, sp = make_inputs(2, 16, 30, 20, 3, 1, 2, dtype=torch.float32, seed=5, channels_last=cl)
-        go = torch.randn(2, 16, 30, 20, generator=torch.Generator().manual_seed(6)).contiguous(
+    for (B, H, W), cl, norm in itertools.product(((2, 30, 20), (8, 7, 7)), (False, True), (False, True)):
+        x, ch, sp = make_inputs(B, 16, H, W, 3, 1, 2, dtype=torch.float32, seed=5, channels_last=cl)
+        go = torch.randn(B, 16, H, W, generator=torch.Generator().manual_seed(6)).contiguous(
             memory_format=torch.channels_last if cl else torch.contiguous_format)
         results = []
         try:
@@ -541,12 +549,31 @@ print("TRITON_IN_GRAPH")
 
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_cpp_forward_other_instruction_sets(isa):
-    """The register-blocked forward kernels built for other instruction sets (DDF_CPU_ISA caps the run-time
-    choice; read once per process, hence the subprocess) match the reference, NCHW and channels_last."""
+    """The register-blocked forward kernels and the backward kernels built for other instruction sets (DDF_CPU_ISA
+    caps the run-time choice; read once per process, hence the subprocess) match the reference, NCHW and
+    channels_last (backward: also FilterNorm, small planes in one row block, stride 2, float16)."""
     code = """
 import torch, ddf
-from ddf.reference import ddf_reference
+from ddf.reference import ddf_reference, ddf_reference_backward
 g = torch.Generator().manual_seed(0)
+for (B, C, H, W, k, d, s, head, comb, norm, dt) in [(2, 12, 9, 23, 3, 1, 1, 3, 'mul', False, torch.float64),
+                                                    (8, 4, 7, 7, 3, 1, 1, 2, 'mul', True, torch.float64),
+                                                    (4, 32, 7, 7, 3, 1, 1, 2, 'mul', True, torch.float32),
+                                                    (4, 20, 5, 37, 5, 2, 2, 2, 'add', False, torch.float64),
+                                                    (2, 32, 13, 19, 3, 1, 1, 1, 'mul', True, torch.float32),
+                                                    (2, 40, 6, 21, 3, 2, 1, 2, 'mul', False, torch.float16)]:
+    Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64); ch = torch.randn(B, C, k, k, generator=g, dtype=torch.float64)
+    sp = torch.randn(B, head * k * k, Ho, Wo, generator=g, dtype=torch.float64); go = torch.randn(B, C, Ho, Wo, generator=g, dtype=torch.float64)
+    x, ch, sp, go = (t.to(dt) for t in (x, ch, sp, go))
+    refs = ddf_reference_backward(go.double(), x.double(), ch.double(), sp.double(), k, d, s, head, comb, norm, 0.8)
+    for cl in (False, True):
+        f = (lambda t: t.contiguous(memory_format=torch.channels_last)) if cl else (lambda t: t)
+        with ddf.use_backend('cpp'):
+            grads = torch.ops.ddf.ddf_backward(f(go), f(x), ch, f(sp), k, d, s, head, 0 if comb == 'mul' else 1, norm, 0.8)
+        for name, a, r in zip(('grad_input', 'grad_channel', 'grad_spatial'), grads, refs):
+            err = ((a.double() - r).abs().max() / r.abs().max().clamp_min(1.0)).item()
+            assert err < (1e-10 if dt == torch.float64 else 5e-7 if dt == torch.float32 else 1e-3), (name, B, C, H, W, k, cl, dt, err)
 for (B, C, H, W, k, d, s, head, comb) in [(2, 12, 9, 23, 3, 1, 1, 3, 'mul'), (1, 20, 6, 37, 5, 2, 1, 2, 'add'),
                                           (2, 8, 5, 3, 7, 1, 1, 1, 'mul'), (1, 48, 4, 17, 3, 1, 1, 1, 'mul'),
                                           (1, 6, 30, 40, 3, 1, 1, 2, 'mul'),  # NCHW: 3 row blocks, 3 channels a head
