@@ -342,8 +342,8 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 #endif
 
-// 0 generic, 1 AVX2, 2 AVX-512: the best the CPU supports, capped by DDF_CPU_ISA.
-int forward_isa() {
+// 0 generic, 1 AVX2, 2 AVX-512: the best the CPU supports, capped by DDF_CPU_ISA (forward and backward kernels).
+int cpu_isa() {
   static const int isa = [] {
     int best = 0;
 #if DDF_X86_ISAS
@@ -361,6 +361,31 @@ int forward_isa() {
   }();
   return isa;
 }
+
+// Runs the statement(s) with the kernels of the instruction set cpu_isa() picked: unqualified kernel names in them
+// resolve in that isa_* namespace (the one ladder for every forward and backward entry point).
+#if DDF_X86_ISAS
+#define DDF_ON_CPU_ISA(...)                   \
+  do {                                        \
+    const int isa_ = cpu_isa();               \
+    if (isa_ == 2) {                          \
+      using namespace isa_avx512;             \
+      __VA_ARGS__;                            \
+    } else if (isa_ == 1) {                   \
+      using namespace isa_avx2;               \
+      __VA_ARGS__;                            \
+    } else {                                  \
+      using namespace isa_generic;            \
+      __VA_ARGS__;                            \
+    }                                         \
+  } while (0)
+#else
+#define DDF_ON_CPU_ISA(...)        \
+  do {                             \
+    using namespace isa_generic;   \
+    __VA_ARGS__;                   \
+  } while (0)
+#endif
 
 template <typename scalar_t, bool MUL>
 void forward_simd(const Tensor& input, const Tensor& ch, const Tensor& sp, Tensor& out, const GeoI g, bool norm,
@@ -381,13 +406,7 @@ void forward_simd(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
     a.osB = out.stride(0); a.osH = out.stride(2); a.osW = out.stride(3);
     a.ssB = sp.stride(0); a.ssC = sp.stride(1); a.ssH = sp.stride(2); a.ssW = sp.stride(3);
   }
-  const int isa = forward_isa();
-#if DDF_X86_ISAS
-  if (isa == 2) return cl ? isa_avx512::forward_nhwc_simd<scalar_t, MUL>(a) : isa_avx512::forward_nchw_simd<scalar_t, MUL>(a);
-  if (isa == 1) return cl ? isa_avx2::forward_nhwc_simd<scalar_t, MUL>(a) : isa_avx2::forward_nchw_simd<scalar_t, MUL>(a);
-#endif
-  (void)isa;
-  return cl ? isa_generic::forward_nhwc_simd<scalar_t, MUL>(a) : isa_generic::forward_nchw_simd<scalar_t, MUL>(a);
+  DDF_ON_CPU_ISA(cl ? forward_nhwc_simd<scalar_t, MUL>(a) : forward_nchw_simd<scalar_t, MUL>(a));
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -621,7 +640,7 @@ struct NhwcBwdScratch {
         tap_sp(g.kk * g.head), tap_go(g.kk), tap_ch(g.kk) {}
 };
 
-// The backward kernels (ddf_backward_simd.h) per instruction set, like the forward's; backward_isa() picks one.
+// The backward kernels (ddf_backward_simd.h) per instruction set, like the forward's; cpu_isa() picks one.
 namespace isa_generic {
 #define DDF_VB 16
 #include "ddf_backward_simd.h"
@@ -663,14 +682,7 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   a.gain = static_cast<acc_t>(gain);
   std::vector<acc_t> partial(g.B * g.C * a.n_rb * g.kk);
   a.partial = partial.data();
-  const int isa = forward_isa();
-#if DDF_X86_ISAS
-  if (isa == 2) isa_avx512::backward_nchw_simd<scalar_t, MUL>(a);
-  else if (isa == 1) isa_avx2::backward_nchw_simd<scalar_t, MUL>(a);
-  else
-#endif
-    isa_generic::backward_nchw_simd<scalar_t, MUL>(a);
-  (void)isa;
+  DDF_ON_CPU_ISA(backward_nchw_simd<scalar_t, MUL>(a));
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
   for (int64_t bc = 0; bc < g.B * g.C; ++bc)
     for (int64_t j = 0; j < g.kk; ++j) {
@@ -695,14 +707,7 @@ void backward_nhwc(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   a.gain = static_cast<acc_t>(gain);
   std::vector<acc_t> partial(g.B * a.n_rb * kkC);
   a.partial = partial.data();
-  const int isa = forward_isa();
-#if DDF_X86_ISAS
-  if (isa == 2) isa_avx512::backward_nhwc_simd<scalar_t, MUL>(a);
-  else if (isa == 1) isa_avx2::backward_nhwc_simd<scalar_t, MUL>(a);
-  else
-#endif
-    isa_generic::backward_nhwc_simd<scalar_t, MUL>(a);
-  (void)isa;
+  DDF_ON_CPU_ISA(backward_nhwc_simd<scalar_t, MUL>(a));
   scalar_t* gch_data = gch.mutable_data_ptr<scalar_t>();
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t c = 0; c < g.C; ++c)
