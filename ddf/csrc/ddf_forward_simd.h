@@ -120,8 +120,8 @@ DDF_INLINE void store_acc(scalar_t* p, const Vec<at::opmath_type<scalar_t>>& v) 
 
 // Geometry of the flat buffers of one task of R output rows.
 struct FlatGeo {
-  int64_t P, Wp, R, nvec, SS, PQ, PS;  // pad, phase row, rows per task, vectors per block, tap/stage stride,
-                                       // phase plane stride, channel plane stride (s*s phases)
+  int64_t P, Wp, R, SS, PQ, PS;  // pad, phase row, rows per task, tap/stage stride (whole vectors),
+                                 // phase plane stride, channel plane stride (s*s phases)
 };
 
 template <typename acc_t>
@@ -131,8 +131,7 @@ FlatGeo make_flat_geo(const GeoI& g) {
   f.P = g.r * g.d;
   f.Wp = (g.W + 2 * f.P + g.s - 1) / g.s;
   f.R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / (g.kk * f.Wp)));  // the block's filter ~16 KB (L1)
-  f.nvec = (f.R * f.Wp + L - 1) / L;
-  f.SS = f.nvec * L;
+  f.SS = (f.R * f.Wp + L - 1) / L * L;
   f.PQ = (f.R + 2 * f.P / g.s + 1) * f.Wp + L;  // + the reach of the last vector's farthest tap
   f.PS = g.s * g.s * f.PQ;
   return f;
@@ -265,7 +264,8 @@ DDF_INLINE void prefetch_values(const scalar_t* p, int64_t n) {
 // task, normalised when `norm`) is reused by all the chunk's channels and each of its vectors by the DDF_NC channels
 // of a group; the flat layout (above) keeps every lane busy at any width. Channel chunks give small images enough
 // tasks for all threads (the forward has no reduction: any split gives the same result). A last, incomplete group
-// repeats its last channel (recomputing and rewriting equal values).
+// computes its missing slots on whatever their buffers hold (zeros or an earlier group's planes) and stores only
+// its real channels.
 template <typename scalar_t, bool MUL>
 void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -293,16 +293,17 @@ void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
       load_spatial_flat<scalar_t>(a, f, a.sp + bh * g.kk * HoWo, y0, y1, spf.data(), raw.data(), tmp.data());
       const int64_t nv = ((y1 - y0) * f.Wp + lanes<acc_t>() - 1) / lanes<acc_t>();
       for (int64_t cb = cg0; cb < cg1; cb += DDF_NC) {
+        const int64_t nc = std::min<int64_t>(DDF_NC, cg1 - cb);  // real channels of the group
         for (int ci = 0; ci < DDF_NC; ++ci) {
           bcs[ci] = b * g.C + std::min(cb + ci, cg1 - 1);
-          load_plane_flat<scalar_t>(a.in + bcs[ci] * HW, g, f, y0, y1, plane.data() + ci * f.PS);
+          if (ci < nc) load_plane_flat<scalar_t>(a.in + bcs[ci] * HW, g, f, y0, y1, plane.data() + ci * f.PS);
           for (int64_t j = 0; j < g.kk; ++j) chv[j * DDF_NC + ci] = static_cast<acc_t>(a.ch[bcs[ci] * g.kk + j]);
         }
         const int64_t lo = std::max<int64_t>(0, y0 * g.s - f.P), hi = std::min(g.H, (y1 - 1) * g.s + f.P + 1);
         for (int64_t c = cb + DDF_NC; c < std::min(cg1, cb + 2 * DDF_NC); ++c)  // the next group's input rows
           prefetch_values(a.in + (b * g.C + c) * HW + lo * g.W, (hi - lo) * g.W);
         nchw_flat_group<acc_t, MUL>(plane.data(), spf.data(), off.data(), chv.data(), g.kk, f, nv, stage.data());
-        for (int ci = 0; ci < DDF_NC; ++ci)
+        for (int ci = 0; ci < nc; ++ci)
           store_plane_flat<scalar_t>(stage.data() + ci * f.SS, g, f, y0, y1, a.out + bcs[ci] * HoWo);
       }
     }
