@@ -59,9 +59,10 @@ namespace {
 
 using at::Tensor;
 
-// Range [x0, x1) of output columns whose tap at input offset `off` (input x = x*s + off) is inside [0, W).
+// Range [x0, x1) of output columns whose tap at input offset `off` (input x = x*s + off) is inside [0, W);
+// 0 <= x0 <= x1 <= Wo (empty, at Wo, for an offset past the image).
 inline void valid_range(int64_t off, int64_t s, int64_t W, int64_t Wo, int64_t& x0, int64_t& x1) {
-  x0 = off < 0 ? (-off + s - 1) / s : 0;
+  x0 = std::min(Wo, off < 0 ? (-off + s - 1) / s : int64_t(0));
   const int64_t last = W - 1 - off;
   x1 = last < 0 ? 0 : std::min<int64_t>(Wo, last / s + 1);
   if (x1 < x0) x1 = x0;
@@ -523,8 +524,6 @@ DDF_INLINE void zero_padded_taps(acc_t* buf, int64_t tap_stride, int64_t row_str
     const int64_t jy = j / g.k, off = (j % g.k - g.r) * g.d;
     int64_t x0, x1;
     valid_range(off, g.s, g.W, g.Wo, x0, x1);
-    x0 = std::min(x0, g.Wo);  // valid_range may return x0 = x1 > Wo for an offset past the image
-    x1 = std::max(x0, std::min(x1, g.Wo));
     for (int64_t y = ylo; y < yhi; ++y) {
       acc_t* row = buf + j * tap_stride + (y - ylo) * row_stride;
       const int64_t iy = y * g.s + (jy - g.r) * g.d;

@@ -183,7 +183,7 @@ void load_spatial_flat(const ForwardArgs<scalar_t>& a, const FlatGeo& f, const s
       const int64_t iy = y * g.s + (jy - g.r) * g.d;
       if (iy < 0 || iy >= g.H) continue;
       const acc_t* src = raw + j * n + (y - y0) * g.Wo;
-      for (int64_t x = std::max<int64_t>(x0, 0); x < std::min(x1, g.Wo); ++x) dst[(y - y0) * f.Wp + x] = src[x];
+      for (int64_t x = x0; x < x1; ++x) dst[(y - y0) * f.Wp + x] = src[x];
     }
   }
 }
