@@ -195,9 +195,10 @@ class SpatialBranch(nn.Sequential):
 
 @torch.jit.unused
 def _ddf_eager(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Tensor, kernel_size: int,
-               dilation: int, stride: int, head: int, combine: int, gain: float) -> torch.Tensor:
+               dilation: int, stride: int, head: int, combine: int, spatial_norm: bool,
+               spatial_gain: float) -> torch.Tensor:
     return ddf(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine,
-               spatial_norm=gain > 0.0, spatial_gain=gain if gain > 0.0 else 1.0)
+               spatial_norm=spatial_norm, spatial_gain=spatial_gain)
 
 
 def _apply_ddf(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Tensor, kernel_size: int,
@@ -208,10 +209,13 @@ def _apply_ddf(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: to
         channel_filter = channel_filter.to(x.dtype)
     if spatial_filter.dtype != x.dtype:
         spatial_filter = spatial_filter.to(x.dtype)
+    norm = gain > 0.0
+    norm_gain = gain if norm else 1.0
     if torch.jit.is_scripting():
         return torch.ops.ddf.ddf_forward(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head,
-                                         combine, gain > 0.0, gain if gain > 0.0 else 1.0)
-    return _ddf_eager(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, gain)
+                                         combine, norm, norm_gain)
+    return _ddf_eager(x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, norm,
+                      norm_gain)
 
 
 def build_spatial_branch(in_channels: int, kernel_size: int, head: int = 1, stride: int = 1,
