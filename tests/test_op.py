@@ -158,6 +158,11 @@ BACKWARD_PATH_CONFIGS = [
     (2, 32, 7, 7, 3, 1, 1, 2, "mul"),
     (3, 20, 9, 8, 5, 2, 1, 1, "add"),
     (2, 16, 13, 15, 3, 1, 2, 1, "mul"),
+    # a 1440-pixel plane with 8 planes: one backward row block; forward planes taller than one row block (the
+    # block's flat filter is capped at 256 KB): 3 blocks at k = 7, 2 at k = 5 stride 2
+    (8, 2, 36, 40, 3, 1, 1, 1, "add"),
+    (1, 3, 60, 40, 7, 1, 1, 1, "mul"),
+    (1, 2, 120, 118, 5, 1, 2, 2, "add"),
 ]
 
 

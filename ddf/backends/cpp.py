@@ -51,8 +51,8 @@ def _load_jit() -> str:
             import ninja  # noqa: F401  (the PyPI package puts the binary on PATH via its bin dir)
         except ImportError:
             raise RuntimeError("ninja is not installed (`pip install ninja`)") from None
-    print("ddf: building the C++ CPU kernels of the DDF op (compiled on first use, ~1-3 min; later runs load the "
-          "cached build) ...",
+    print("ddf: loading the C++ CPU kernels of the DDF op (the first use compiles them, ~1-3 min; later runs load "
+          "the cached build) ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     flags = runpy.run_path(os.path.join(_SRC_DIR, "build_flags.py"))

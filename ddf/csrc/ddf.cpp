@@ -442,13 +442,14 @@ inline BwdRows bwd_rows(const GeoI& g, int64_t rb, int64_t R) {
 }
 
 // Output rows per backward task, from the geometry only (never the thread count: grad_channel is reduced in block
-// order): at most `cache_rows` (to keep the per-task buffers near L2 size). A small plane (<= 1024 output pixels)
+// order): at most `cache_rows` (to keep the per-task buffers near L2 size). A small plane (<= 4096 output pixels)
 // is one block when there are >= 8 planes (n_outer = b or b*head): every block re-reads 2*r*d/s halo rows per
-// channel and re-normalises them, which at 7x7 to 28x28 costs more than finer blocks gain in load balance.
+// channel and re-normalises them, which at 7x7 to 56x56 costs more than finer blocks gain in load balance
+// (NCHW 8x256x56x56, 2 threads: 10.8 ms as one block against 12.8 ms in blocks of 14 rows).
 // Otherwise about 32 tasks over n_outer, at least 4 rows so that the halo stays small, and blocks of equal size.
 inline int64_t bwd_block_rows(const GeoI& g, int64_t cache_rows, int64_t n_outer) {
   const int64_t cap = std::max<int64_t>(1, cache_rows);
-  if (n_outer >= 8 && g.Ho * g.Wo <= 1024 && g.Ho <= cap) return std::max<int64_t>(1, g.Ho);
+  if (n_outer >= 8 && g.Ho * g.Wo <= 4096 && g.Ho <= cap) return std::max<int64_t>(1, g.Ho);
   const int64_t want = std::max<int64_t>(1, (32 + n_outer - 1) / std::max<int64_t>(1, n_outer));
   int64_t R = std::min(cap, (g.Ho + want - 1) / want);
   R = std::max<int64_t>(1, std::min(std::max<int64_t>(R, 4), g.Ho));
@@ -675,7 +676,7 @@ void backward_nchw(const Tensor& gout, const Tensor& input, const Tensor& ch, co
   a.go = gout.const_data_ptr<scalar_t>(); a.in = input.const_data_ptr<scalar_t>();
   a.ch = ch.const_data_ptr<scalar_t>(); a.sp = sp.const_data_ptr<scalar_t>();
   a.gin = gin.mutable_data_ptr<scalar_t>(); a.gsp = gsp.mutable_data_ptr<scalar_t>();
-  a.R = bwd_block_rows(g, 12288 / std::max<int64_t>(1, g.kk * g.Wo), g.B * g.head);
+  a.R = bwd_block_rows(g, 65536 / std::max<int64_t>(1, g.kk * g.Wo), g.B * g.head);
   a.n_rb = (g.Ho + a.R - 1) / a.R;
   a.norm = norm;
   a.gain = static_cast<acc_t>(gain);
