@@ -11,7 +11,9 @@ saved: on a shared machine only ratios measured in one process mean anything. Ro
 same module with the fused FilterNorm switched off (ddf.modules._FUSE_SPATIAL_NORM = False), i.e. the normalised
 spatial filter written to memory as before the fusion. Rows marked "floor" time timm's resnet50 with its
 bottleneck 3x3 convolutions (the layers DDF replaces) made free against resnet50 itself: no replacement of those
-layers can bring the ddf_mul_resnet50 ratio below that floor.
+layers can bring the ddf_mul_resnet50 ratio below that floor; the three nets are timed in the same rounds.
+The "allocator" line says whether GLIBC_TUNABLES or LD_PRELOAD change how fresh tensors are paid for (README,
+"CPU performance").
 """
 from __future__ import annotations
 
@@ -33,18 +35,24 @@ import ddf  # noqa: E402
 import ddf.modules  # noqa: E402
 
 
-def time_pair(num, den, rounds: int, warmup: int = 2):
-    """Medians (ms) of ``num`` and ``den``, interleaved."""
+def time_group(fns, rounds: int, warmup: int = 2):
+    """Medians (ms) of the callables ``fns``, timed in interleaved rounds (fns[0], fns[1], ..., fns[0], ...)."""
     for _ in range(warmup):
-        num()
-        den()
-    tn, td = [], []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, acc in ((num, tn), (den, td)):
+        for fn, acc in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
-    return statistics.median(tn) * 1e3, statistics.median(td) * 1e3
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def time_pair(num, den, rounds: int, warmup: int = 2):
+    """Medians (ms) of ``num`` and ``den``, interleaved."""
+    tn, td = time_group((num, den), rounds, warmup)
+    return tn, td
 
 
 def _op_inputs(B, C, H, W, channels_last):
@@ -77,6 +85,7 @@ def op_rows(rounds):
 
     go = torch.randn(8, 256, 56, 56)
     rows.append(("op forward+backward / op forward", fwd_bwd, fwd, 2.5))
+    rounds = 3 * rounds  # calls of 1-20 ms: more rounds for steadier medians at little cost
     return [(name, *time_pair(a, b, rounds), goal) for name, a, b, goal in rows]
 
 
@@ -143,24 +152,21 @@ def _step(m, opt, x):
 
 def _resnet_pair_rows(nets, x, rounds, tag):
     """Inference and training-step rows of the DDF net / timm net pair in one memory format ``tag``, each followed
-    by the floor row (resnet50 without its 3x3 convs / resnet50) that bounds what the ratio can reach."""
-    ddf_net, ref_net, floor_net = nets
+    by the floor row (resnet50 without its 3x3 convs / resnet50) that bounds what the ratio can reach. The three
+    nets are timed in the same interleaved rounds, so both rows divide by the same resnet50 median."""
     rows = []
     for m in nets:
         m.eval()
     with torch.no_grad():
-        rows.append((f"ddf_mul_resnet50 / resnet50 inference, batch 8, 224x224, {tag}",
-                     *time_pair(lambda: ddf_net(x), lambda: ref_net(x), rounds), 0.75))
-        rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 inference, {tag})",
-                     *time_pair(lambda: floor_net(x), lambda: ref_net(x), rounds), None))
+        t_ddf, t_ref, t_floor = time_group([lambda m=m: m(x) for m in nets], rounds)
+    rows.append((f"ddf_mul_resnet50 / resnet50 inference, batch 8, 224x224, {tag}", t_ddf, t_ref, 0.75))
+    rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 inference, {tag})", t_floor, t_ref, None))
     steps = [_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x) for m in nets]
     for m in nets:
         m.train()
-    train_rounds = max(3, rounds // 2)
-    rows.append((f"ddf_mul_resnet50 / resnet50 training step (SGD), batch 8, {tag}",
-                 *time_pair(steps[0], steps[1], train_rounds), 0.85))
-    rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 training step, {tag})",
-                 *time_pair(steps[2], steps[1], train_rounds), None))
+    t_ddf, t_ref, t_floor = time_group(steps, max(3, rounds // 2))
+    rows.append((f"ddf_mul_resnet50 / resnet50 training step (SGD), batch 8, {tag}", t_ddf, t_ref, 0.85))
+    rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 training step, {tag})", t_floor, t_ref, None))
     return rows
 
 
@@ -175,6 +181,12 @@ def resnet_rows(rounds):
     for m in nets:
         m.to(memory_format=torch.channels_last)
     return rows + _resnet_pair_rows(nets, x.contiguous(memory_format=torch.channels_last), rounds, "channels_last")
+
+
+def _allocator() -> str:
+    """The environment that decides how freshly allocated tensors cost (see README, "CPU performance")."""
+    said = [f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)]
+    return ", ".join(said) if said else "default (glibc malloc, no GLIBC_TUNABLES / LD_PRELOAD)"
 
 
 def render(rows, header) -> str:
@@ -202,7 +214,7 @@ def main(argv=None):
     header = [f"# DDF speed goals, {datetime.date.today()}",
               f"- {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads, fp32, {rounds} interleaved rounds (medians)",
-              f"- {ddf.backend_info()}", f"- load average before: {' '.join(load)}"]
+              f"- {ddf.backend_info()}", f"- allocator: {_allocator()}", f"- load average before: {' '.join(load)}"]
     if load[0] != "?" and float(load[0]) > 0.5 * (os.cpu_count() or 1):
         header.append(f"- WARNING: the machine is busy (load {load[0]} on {os.cpu_count()} cores): threads of one "
                       "op wait for descheduled peers, so the ratios are unreliable")
