@@ -164,7 +164,7 @@ def _resnet_pair_rows(nets, x, rounds, tag):
     steps = [_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x) for m in nets]
     for m in nets:
         m.train()
-    t_ddf, t_ref, t_floor = time_group(steps, max(3, rounds // 2))
+    t_ddf, t_ref, t_floor = time_group(steps, max(5, rounds // 2))  # ~2 s a round: fewer rounds, but 5 at least
     rows.append((f"ddf_mul_resnet50 / resnet50 training step (SGD), batch 8, {tag}", t_ddf, t_ref, 0.85))
     rows.append((f"  (floor: resnet50 without 3x3 convs / resnet50 training step, {tag})", t_floor, t_ref, None))
     return rows
