@@ -265,7 +265,7 @@ DDF_INLINE void prefetch_values(const scalar_t* p, int64_t n) {
 // of a group; the flat layout (above) keeps every lane busy at any width. Channel chunks give small images enough
 // tasks for all threads (the forward has no reduction: any split gives the same result). A last, incomplete group
 // computes its missing slots on whatever their buffers hold (zeros or an earlier group's planes) and stores only
-// its real channels. Blocks are as tall as a 256 KB filter allows (whole planes up to 56x56 at k = 3): every block
+// its real channels. Blocks are as tall as a 256 KB filter allows (whole planes up to ~84x84 at k = 3): every block
 // re-reads the 2*r*d halo rows of each channel and streams each plane in shorter runs (8x256x56x56, 2 threads:
 // 3.0 ms as one block, 4.0 ms in the earlier 7-row blocks of a 16 KB filter).
 template <typename scalar_t, bool MUL>
