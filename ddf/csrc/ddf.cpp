@@ -182,11 +182,10 @@ std::vector<at::opmath_type<scalar_t>> transpose_channel_filter(const Tensor& ch
 }
 
 // The k*k taps of every head at one pixel (read through the filter's strides) as acc_t in taps[h * kk + j],
-// normalised per head when `norm` (see load_spatial_rows).
+// normalised per head when `norm` (see load_spatial_rows; the SIMD kernels use load_row_taps, a row at a time).
 template <typename scalar_t>
 inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm, at::opmath_type<scalar_t> gain,
-                            at::opmath_type<scalar_t>* DDF_RESTRICT taps,
-                            at::opmath_type<scalar_t>* DDF_RESTRICT stat = nullptr) {
+                            at::opmath_type<scalar_t>* DDF_RESTRICT taps) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t t = 0; t < g.head * g.kk; ++t) taps[t] = static_cast<acc_t>(spp[t * ssC]);
   if (!norm) return;
@@ -199,10 +198,6 @@ inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, boo
     const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
     const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
     for (int64_t j = 0; j < g.kk; ++j) v[j] = (v[j] - mean) * scale;
-    if (stat != nullptr) {  // the backward keeps each head's mean and unbiased std for FilterNorm's backward
-      stat[2 * h] = mean;
-      stat[2 * h + 1] = sd;
-    }
   }
 }
 

@@ -623,15 +623,15 @@ void backward_nhwc_simd(const NhwcBwdArgs<scalar_t>& A) {
   const acc_t gn = A.gain;
   at::parallel_for(0, g.B * n_rb, 1, [&](int64_t begin, int64_t end) {
     NhwcBwdScratch<acc_t> ws(g, R);
+    std::vector<acc_t> tm(g.Wo * hkk), row_stat(2 * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_rb, rb = task % n_rb;
       const BwdRows t = bwd_rows(g, rb, R);
-      for (int64_t y = t.ya; y < t.yb; ++y)
-        for (int64_t x = 0; x < g.Wo; ++x) {
-          const int64_t pix = (y - t.ya) * g.Wo + x;
-          load_pixel_taps<scalar_t>(A.sp + b * A.ssB + y * A.ssH + x * A.ssW, A.ssC, g, norm, gn,
-                                   ws.spn.data() + pix * hkk, ws.stat.data() + pix * g.head * 2);
-        }
+      for (int64_t y = t.ya; y < t.yb; ++y) {
+        const int64_t pix = (y - t.ya) * g.Wo;
+        load_row_taps<scalar_t>(A.sp + b * A.ssB + y * A.ssH, A.ssW, A.ssC, g, norm, gn, tm.data(), row_stat.data(),
+                                ws.spn.data() + pix * hkk, ws.stat.data() + pix * g.head * 2);
+      }
       acc_t* part = A.partial + task * kkC;
       std::fill(part, part + kkC, acc_t(0));
       const acc_t* chb = A.chT + b * kkC;

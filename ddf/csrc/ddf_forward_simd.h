@@ -386,14 +386,54 @@ DDF_INLINE void nhwc_pixels(const NhwcRow<scalar_t>& r, const int64_t* px) {
   }
 }
 
+// The spatial taps of one output row (spr: its first pixel; ssW, ssC: pixel and tap strides), every pixel and
+// head, into taps[x * HK + h * kk + j], normalised per pixel and head when `norm`, keeping each pixel's mean and
+// unbiased std in keep[(x * head + h) * 2 + {0, 1}] when keep is not null (the backward's FilterNorm statistics).
+// They are read tap-major into tm (HK rows of Wo values), so that the statistics vectorise over the row's pixels:
+// the per-pixel scalar version (load_pixel_taps, same arithmetic) cost about as much as the filtering itself at
+// C = 64. stat: scratch of 2 * Wo values.
+template <typename scalar_t>
+void load_row_taps(const scalar_t* DDF_RESTRICT spr, int64_t ssW, int64_t ssC, const GeoI& g, bool norm,
+                   at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT tm,
+                   at::opmath_type<scalar_t>* DDF_RESTRICT stat, at::opmath_type<scalar_t>* DDF_RESTRICT taps,
+                   at::opmath_type<scalar_t>* DDF_RESTRICT keep = nullptr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HK = g.head * g.kk, Wo = g.Wo;
+  for (int64_t t = 0; t < HK; ++t)
+    for (int64_t x = 0; x < Wo; ++x) tm[t * Wo + x] = static_cast<acc_t>(spr[x * ssW + t * ssC]);
+  acc_t* DDF_RESTRICT mean = stat;
+  acc_t* DDF_RESTRICT scale = stat + Wo;
+  for (int64_t h = 0; norm && h < g.head; ++h) {
+    acc_t* DDF_RESTRICT v = tm + h * g.kk * Wo;
+    std::fill(mean, mean + 2 * Wo, acc_t(0));
+    for (int64_t j = 0; j < g.kk; ++j)
+      for (int64_t x = 0; x < Wo; ++x) mean[x] += v[j * Wo + x];
+    for (int64_t x = 0; x < Wo; ++x) mean[x] /= acc_t(g.kk);
+    for (int64_t j = 0; j < g.kk; ++j)
+      for (int64_t x = 0; x < Wo; ++x) scale[x] += (v[j * Wo + x] - mean[x]) * (v[j * Wo + x] - mean[x]);
+    for (int64_t x = 0; x < Wo; ++x) scale[x] = std::sqrt(scale[x] / acc_t(g.kk - 1));  // the std, for now
+    if (keep != nullptr)
+      for (int64_t x = 0; x < Wo; ++x) {
+        keep[(x * g.head + h) * 2] = mean[x];
+        keep[(x * g.head + h) * 2 + 1] = scale[x];
+      }
+    for (int64_t x = 0; x < Wo; ++x) scale[x] = gain / (scale[x] + acc_t(kFilterNormEps));
+    for (int64_t j = 0; j < g.kk; ++j)
+      for (int64_t x = 0; x < Wo; ++x) v[j * Wo + x] = (v[j * Wo + x] - mean[x]) * scale[x];
+  }
+  for (int64_t x = 0; x < Wo; ++x)
+    for (int64_t t = 0; t < HK; ++t) taps[x * HK + t] = tm[t * Wo + x];
+}
+
 // NHWC forward: one task per (b, output row y).
 // Loop order: task -> block of NP output pixels -> head -> block of NCV channel vectors (NP x NCV accumulators in
 // registers) -> taps -> pixels -> vectors. Why: each pixel's spatial tap (a broadcast) is reused over NCV vectors and
 // each channel-filter vector chT[b][j][c..] (per-batch transposed table) over NP pixels, so an accumulate costs one
 // input load, the filter product and one fma; a block's input (NP + k - 1 pixels x k rows x C) stays in L1. The
-// row's taps are read (and normalised) once per pixel into a table, zeroed where the tap is outside the image; such
-// taps read a zero pixel, so the inner loops have no bounds tests. Pixels past the row end are clamped to the last
-// one, and a head's last channel block overlaps the previous one: both only recompute and rewrite equal values.
+// row's taps are read (and normalised: load_row_taps) once into a table, zeroed where the tap is outside the
+// image; such taps read a zero pixel, so the inner loops have no bounds tests. Pixels past the row end are clamped
+// to the last one, and a head's last channel block overlaps the previous one: both only recompute and rewrite
+// equal values.
 template <typename scalar_t, bool MUL>
 void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -403,7 +443,7 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
   const int64_t x_in0 = (g.r * g.d + g.s - 1) / g.s;
   const int64_t x_in1 = std::max(x_in0, g.W - 1 - g.r * g.d >= 0 ? (g.W - 1 - g.r * g.d) / g.s + 1 : int64_t(0));
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> taps(g.Wo * HK);
+    std::vector<acc_t> taps(g.Wo * HK), tm(g.Wo * HK), stat(2 * g.Wo);
     std::vector<int64_t> col(g.Wo * g.k);
     std::vector<scalar_t> zeros(g.C, scalar_t(0));
     std::vector<const scalar_t*> rows(g.k);
@@ -424,10 +464,10 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
         const int64_t iy = y * g.s + (jy - g.r) * g.d;
         rows[jy] = (iy < 0 || iy >= g.H) ? nullptr : a.in + b * a.isB + iy * a.isH;
       }
+      load_row_taps<scalar_t>(a.sp + b * a.ssB + y * a.ssH, a.ssW, a.ssC, g, a.norm, static_cast<acc_t>(a.gain),
+                              tm.data(), stat.data(), taps.data());
       for (int64_t x = 0; x < g.Wo; ++x) {
         acc_t* t = taps.data() + x * HK;
-        load_pixel_taps<scalar_t>(a.sp + b * a.ssB + y * a.ssH + x * a.ssW, a.ssC, g, a.norm,
-                                  static_cast<acc_t>(a.gain), t);
         for (int64_t jx = 0; jx < g.k; ++jx) {
           if (col[x * g.k + jx] >= 0) continue;
           for (int64_t h = 0; h < g.head; ++h)
