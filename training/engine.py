@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointSaver, model_state
-from .runtime import GracefulStop, RunLog, Runtime, fmt_time, gather_rng
+from .runtime import GracefulStop, RunLog, Runtime, fmt_time, gather_rng, stop_signals_blocked
 
 _logger = logging.getLogger("train")
 
@@ -37,7 +37,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast: Callable 
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss_sum, top1, top5, count, skipped
     t0 = time.time()
-    for i, batch in enumerate(loader):
+    with stop_signals_blocked():  # no stop signal can kill a worker that is still starting
+        batches = iter(loader)
+    for i, batch in enumerate(batches):
         images, target, skipped = _unpack(batch)
         sums[4] += skipped
         if images is not None:
@@ -205,7 +207,9 @@ class Trainer:
         p.model.train()
         self.progress.step = step0
         try:
-            for i, (images, target) in enumerate(self.train_loader, start=step0):
+            with stop_signals_blocked():  # see evaluate
+                batches = iter(self.train_loader)
+            for i, (images, target) in enumerate(batches, start=step0):
                 loss = train_step(p, images.to(self.rt.device, non_blocking=True),
                                   target.to(self.rt.device, non_blocking=True), self.progress.global_step)
                 if not self.after_step(epoch, i + 1, loss, images.shape[0]):

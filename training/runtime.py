@@ -183,11 +183,35 @@ def restore_rng(saved, rank: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- signals
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM, so a signal sent to the whole process group
-    (Ctrl-C, SLURM scancel, Kubernetes) leaves them alive until the main process has saved and shut them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (Ctrl-C, SLURM scancel, Kubernetes, torchrun's shutdown) leaves them alive until the main process has saved and
+    shut them down. A signal held back since the fork (:func:`stop_signals_blocked`) is discarded here."""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold SIGINT/SIGTERM back (not lose them) while DataLoader workers are started, i.e. around ``iter(loader)``.
+
+    A worker inherits the blocked mask and unblocks only after ignoring both (:func:`ignore_stop_signals`), so a
+    signal to the process group can no longer kill a worker that is still starting. Such a kill made one rank stop
+    on its own while the others waited for it in a collective (a hang until torchrun's SIGKILL, no checkpoint). The
+    main process gets a held signal when the block ends. No-op where ``pthread_sigmask`` is missing (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class GracefulStop:
