@@ -24,6 +24,12 @@
 #include "ddf_common.h"
 
 #if defined(__GNUC__)
+#define DDF_INLINE inline __attribute__((always_inline))
+#else
+#define DDF_INLINE inline
+#endif
+
+#if defined(__GNUC__)
 #define DDF_RESTRICT __restrict__
 #else
 #define DDF_RESTRICT
@@ -80,11 +86,33 @@ inline GeoI make_geo(const Tensor& input, int64_t k, int64_t d, int64_t s, int64
   return g;
 }
 
+// FilterNorm (paper Eq. 3), in place, of n filters of kk taps stored tap-major (tap j of filter i at v[j * ts + i]):
+// each becomes gain * (v - mean) / (unbiased std + eps). mean[i] and sd[i] receive each filter's statistics (the
+// backward keeps them); scale is scratch. The one home of these statistics for the SIMD kernels (NCHW forward and
+// backward row blocks, NHWC rows): the loops over filters vectorise.
+template <typename acc_t>
+DDF_INLINE void filter_norm_tap_major(acc_t* DDF_RESTRICT v, int64_t ts, int64_t kk, int64_t n, acc_t gain,
+                                      acc_t* DDF_RESTRICT mean, acc_t* DDF_RESTRICT sd, acc_t* DDF_RESTRICT scale) {
+  std::fill(mean, mean + n, acc_t(0));
+  std::fill(sd, sd + n, acc_t(0));
+  for (int64_t j = 0; j < kk; ++j)
+    for (int64_t i = 0; i < n; ++i) mean[i] += v[j * ts + i];
+  for (int64_t i = 0; i < n; ++i) mean[i] /= acc_t(kk);
+  for (int64_t j = 0; j < kk; ++j)
+    for (int64_t i = 0; i < n; ++i) sd[i] += (v[j * ts + i] - mean[i]) * (v[j * ts + i] - mean[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    sd[i] = std::sqrt(sd[i] / acc_t(kk - 1));
+    scale[i] = gain / (sd[i] + acc_t(kFilterNormEps));
+  }
+  for (int64_t j = 0; j < kk; ++j)
+    for (int64_t i = 0; i < n; ++i) v[j * ts + i] = (v[j * ts + i] - mean[i]) * scale[i];
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // The spatial filter of rows [y0, y1) of one (b, head), as acc_t in buf[j * n + i] (n = (y1 - y0) * Wo pixels,
 // i = (y - y0) * Wo + x), read once per head and reused by all its channels. With `norm`, each pixel's k*k taps
 // are normalised here (FilterNorm, paper Eq. 3: gain * (sp - mean) / (unbiased std + eps)); the normalised filter
-// lives only in this per-thread buffer. `tmp` holds 2 * n values.
+// lives only in this per-thread buffer. `tmp` holds 3 * n values.
 template <typename scalar_t>
 void load_spatial_rows(const scalar_t* spb, const GeoI& g, int64_t y0, int64_t y1, bool norm,
                        at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT buf,
@@ -95,21 +123,7 @@ void load_spatial_rows(const scalar_t* spb, const GeoI& g, int64_t y0, int64_t y
     const scalar_t* DDF_RESTRICT src = spb + j * HoWo + y0 * g.Wo;
     for (int64_t i = 0; i < n; ++i) buf[j * n + i] = static_cast<acc_t>(src[i]);
   }
-  if (!norm) return;
-  acc_t* DDF_RESTRICT mean = tmp;
-  acc_t* DDF_RESTRICT var = tmp + n;
-  std::fill(tmp, tmp + 2 * n, acc_t(0));
-  for (int64_t j = 0; j < g.kk; ++j)
-    for (int64_t i = 0; i < n; ++i) mean[i] += buf[j * n + i];
-  for (int64_t i = 0; i < n; ++i) mean[i] /= acc_t(g.kk);
-  for (int64_t j = 0; j < g.kk; ++j)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t c = buf[j * n + i] - mean[i];
-      var[i] += c * c;
-    }
-  for (int64_t i = 0; i < n; ++i) var[i] = gain / (std::sqrt(var[i] / acc_t(g.kk - 1)) + acc_t(kFilterNormEps));
-  for (int64_t j = 0; j < g.kk; ++j)
-    for (int64_t i = 0; i < n; ++i) buf[j * n + i] = (buf[j * n + i] - mean[i]) * var[i];
+  if (norm) filter_norm_tap_major(buf, n, g.kk, n, gain, tmp, tmp + n, tmp + 2 * n);
 }
 
 // NCHW forward: one task per (b, head, block of output rows). The block's spatial filter is loaded (and
@@ -127,7 +141,7 @@ void forward_nchw(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, 4096 / std::max<int64_t>(1, g.kk * g.Wo)));
   const int64_t n_rb = (g.Ho + R - 1) / R;
   at::parallel_for(0, g.B * g.head * n_rb, 1, [&](int64_t begin, int64_t end) DDF_MULTIVERSION {
-    std::vector<acc_t> row(g.Wo), chv(g.kk), spbuf(g.kk * R * g.Wo), tmp(2 * R * g.Wo);
+    std::vector<acc_t> row(g.Wo), chv(g.kk), spbuf(g.kk * R * g.Wo), tmp(3 * R * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task % n_rb, bh = task / n_rb, b = bh / g.head, h = bh % g.head;
       const int64_t y0 = rb * R, y1 = std::min(g.Ho, y0 + R), n = (y1 - y0) * g.Wo;
@@ -256,13 +270,11 @@ void forward_nhwc(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
 // plus AVX2+FMA+F16C and AVX-512 on x86-64 with GCC. DDF_CPU_ISA=generic|avx2|avx512 caps the choice (tests).
 // The kernels above remain the exact path for a channel filter with Inf/NaN values (see ddf_forward_cpu).
 #if defined(__GNUC__)
-#define DDF_INLINE inline __attribute__((always_inline))
 template <typename T, int VB>
 struct VecOf {
   typedef T type __attribute__((vector_size(VB)));
 };
 #else
-#define DDF_INLINE inline
 template <typename T, int N>
 struct ArrVec {  // stand-in for a vector type: element-wise loops the compiler may vectorise
   T v[N];
@@ -412,12 +424,6 @@ void forward_simd(const Tensor& input, const Tensor& ch, const Tensor& sp, Tenso
 // Every output value is written by one task; grad_channel's per-block partial sums are reduced in block order, so
 // the result does not depend on the thread count. The spatial filter is normalised (FilterNorm, spatial_norm)
 // inside the task, and FilterNorm's backward is applied to the block's grad_spatial before it is written.
-
-#if defined(__GNUC__)
-#define DDF_INLINE inline __attribute__((always_inline))
-#else
-#define DDF_INLINE inline
-#endif
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 

@@ -62,25 +62,9 @@ DDF_INLINE void nchw_bwd_load_spatial(const scalar_t* spb, const GeoI& g, const 
       acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
       for (int64_t x = 0; x < g.Wo; ++x) d[x] = static_cast<acc_t>(s[x]);
     }
-    if (!norm) continue;
-    acc_t* DDF_RESTRICT m = mean + yy * L.Wv;
-    acc_t* DDF_RESTRICT v = sd + yy * L.Wv;
-    std::fill(m, m + g.Wo, acc_t(0));
-    std::fill(v, v + g.Wo, acc_t(0));
-    for (int64_t j = 0; j < g.kk; ++j) {
-      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
-      for (int64_t x = 0; x < g.Wo; ++x) m[x] += d[x];
-    }
-    for (int64_t x = 0; x < g.Wo; ++x) m[x] /= acc_t(g.kk);
-    for (int64_t j = 0; j < g.kk; ++j) {
-      const acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
-      for (int64_t x = 0; x < g.Wo; ++x) v[x] += (d[x] - m[x]) * (d[x] - m[x]);
-    }
-    for (int64_t x = 0; x < g.Wo; ++x) v[x] = std::sqrt(v[x] / acc_t(g.kk - 1));
-    for (int64_t j = 0; j < g.kk; ++j) {
-      acc_t* DDF_RESTRICT d = ws.spn.data() + (j * L.NS + yy) * L.SW + L.P;
-      for (int64_t x = 0; x < g.Wo; ++x) d[x] = (d[x] - m[x]) * (gain / (v[x] + acc_t(kFilterNormEps)));
-    }
+    if (norm)  // scale scratch: the grad_spatial sums' rows (sg, used only when the block is stored)
+      filter_norm_tap_major(ws.spn.data() + yy * L.SW + L.P, L.NS * L.SW, g.kk, g.Wo, gain, mean + yy * L.Wv,
+                            sd + yy * L.Wv, ws.stat.data() + 2 * L.NS * L.Wv);
   }
   zero_padded_taps(ws.spn.data() + L.P, L.NS * L.SW, L.SW, ya, yb, g);
 }
@@ -623,7 +607,7 @@ void backward_nhwc_simd(const NhwcBwdArgs<scalar_t>& A) {
   const acc_t gn = A.gain;
   at::parallel_for(0, g.B * n_rb, 1, [&](int64_t begin, int64_t end) {
     NhwcBwdScratch<acc_t> ws(g, R);
-    std::vector<acc_t> tm(g.Wo * hkk), row_stat(2 * g.Wo);
+    std::vector<acc_t> tm(g.Wo * hkk), row_stat(3 * g.Wo);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_rb, rb = task % n_rb;
       const BwdRows t = bwd_rows(g, rb, R);

@@ -164,7 +164,7 @@ DDF_INLINE void nchw_flat_block(const acc_t* in, const acc_t* spf, const int64_t
 
 // The spatial filter of output rows [y0, y1) of plane spb in the flat layout: spf[j * SS + (y - y0) * Wp + x],
 // normalised when `norm`, zero for taps outside the image, for the padding columns and past the block.
-// raw/tmp: scratch of kk * R * W and 2 * R * W values.
+// raw/tmp: scratch of kk * R * Wo and 3 * R * Wo values.
 template <typename scalar_t>
 void load_spatial_flat(const ForwardArgs<scalar_t>& a, const FlatGeo& f, const scalar_t* spb, int64_t y0, int64_t y1,
                        at::opmath_type<scalar_t>* spf, at::opmath_type<scalar_t>* raw,
@@ -283,7 +283,7 @@ void forward_nchw_simd(const ForwardArgs<scalar_t>& a) {
     off[j] = ((oy % g.s) * g.s + ox % g.s) * f.PQ + (oy / g.s) * f.Wp + ox / g.s;
   }
   at::parallel_for(0, outer * n_cc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> spf(g.kk * f.SS), raw(g.kk * f.R * g.Wo), tmp(2 * f.R * g.Wo);
+    std::vector<acc_t> spf(g.kk * f.SS), raw(g.kk * f.R * g.Wo), tmp(3 * f.R * g.Wo);
     std::vector<acc_t> plane(DDF_NC * f.PS), stage(DDF_NC * f.SS), chv(g.kk * DDF_NC);
     int64_t bcs[DDF_NC];
     for (int64_t task = begin; task < end; ++task) {
@@ -389,9 +389,9 @@ DDF_INLINE void nhwc_pixels(const NhwcRow<scalar_t>& r, const int64_t* px) {
 // The spatial taps of one output row (spr: its first pixel; ssW, ssC: pixel and tap strides), every pixel and
 // head, into taps[x * HK + h * kk + j], normalised per pixel and head when `norm`, keeping each pixel's mean and
 // unbiased std in keep[(x * head + h) * 2 + {0, 1}] when keep is not null (the backward's FilterNorm statistics).
-// They are read tap-major into tm (HK rows of Wo values), so that the statistics vectorise over the row's pixels:
-// the per-pixel scalar version (load_pixel_taps, same arithmetic) cost about as much as the filtering itself at
-// C = 64. stat: scratch of 2 * Wo values.
+// They are read tap-major into tm (HK rows of Wo values), so that FilterNorm vectorises over the row's pixels
+// (filter_norm_tap_major): per-pixel scalar statistics cost about as much as the filtering itself at C = 64.
+// stat: scratch of 3 * Wo values.
 template <typename scalar_t>
 void load_row_taps(const scalar_t* DDF_RESTRICT spr, int64_t ssW, int64_t ssC, const GeoI& g, bool norm,
                    at::opmath_type<scalar_t> gain, at::opmath_type<scalar_t>* DDF_RESTRICT tm,
@@ -401,25 +401,13 @@ void load_row_taps(const scalar_t* DDF_RESTRICT spr, int64_t ssW, int64_t ssC, c
   const int64_t HK = g.head * g.kk, Wo = g.Wo;
   for (int64_t t = 0; t < HK; ++t)
     for (int64_t x = 0; x < Wo; ++x) tm[t * Wo + x] = static_cast<acc_t>(spr[x * ssW + t * ssC]);
-  acc_t* DDF_RESTRICT mean = stat;
-  acc_t* DDF_RESTRICT scale = stat + Wo;
   for (int64_t h = 0; norm && h < g.head; ++h) {
-    acc_t* DDF_RESTRICT v = tm + h * g.kk * Wo;
-    std::fill(mean, mean + 2 * Wo, acc_t(0));
-    for (int64_t j = 0; j < g.kk; ++j)
-      for (int64_t x = 0; x < Wo; ++x) mean[x] += v[j * Wo + x];
-    for (int64_t x = 0; x < Wo; ++x) mean[x] /= acc_t(g.kk);
-    for (int64_t j = 0; j < g.kk; ++j)
-      for (int64_t x = 0; x < Wo; ++x) scale[x] += (v[j * Wo + x] - mean[x]) * (v[j * Wo + x] - mean[x]);
-    for (int64_t x = 0; x < Wo; ++x) scale[x] = std::sqrt(scale[x] / acc_t(g.kk - 1));  // the std, for now
+    filter_norm_tap_major(tm + h * g.kk * Wo, Wo, g.kk, Wo, gain, stat, stat + Wo, stat + 2 * Wo);
     if (keep != nullptr)
       for (int64_t x = 0; x < Wo; ++x) {
-        keep[(x * g.head + h) * 2] = mean[x];
-        keep[(x * g.head + h) * 2 + 1] = scale[x];
+        keep[(x * g.head + h) * 2] = stat[x];
+        keep[(x * g.head + h) * 2 + 1] = stat[Wo + x];
       }
-    for (int64_t x = 0; x < Wo; ++x) scale[x] = gain / (scale[x] + acc_t(kFilterNormEps));
-    for (int64_t j = 0; j < g.kk; ++j)
-      for (int64_t x = 0; x < Wo; ++x) v[j * Wo + x] = (v[j * Wo + x] - mean[x]) * scale[x];
   }
   for (int64_t x = 0; x < Wo; ++x)
     for (int64_t t = 0; t < HK; ++t) taps[x * HK + t] = tm[t * Wo + x];
@@ -443,7 +431,7 @@ void forward_nhwc_simd(const ForwardArgs<scalar_t>& a) {
   const int64_t x_in0 = (g.r * g.d + g.s - 1) / g.s;
   const int64_t x_in1 = std::max(x_in0, g.W - 1 - g.r * g.d >= 0 ? (g.W - 1 - g.r * g.d) / g.s + 1 : int64_t(0));
   at::parallel_for(0, g.B * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> taps(g.Wo * HK), tm(g.Wo * HK), stat(2 * g.Wo);
+    std::vector<acc_t> taps(g.Wo * HK), tm(g.Wo * HK), stat(3 * g.Wo);
     std::vector<int64_t> col(g.Wo * g.k);
     std::vector<scalar_t> zeros(g.C, scalar_t(0));
     std::vector<const scalar_t*> rows(g.k);
