@@ -13,7 +13,7 @@ spatial filter written to memory as before the fusion. Rows marked "floor" time 
 bottleneck 3x3 convolutions (the layers DDF replaces) made free against resnet50 itself: no replacement of those
 layers can bring the ddf_mul_resnet50 ratio below that floor; the three nets are timed in the same rounds.
 The "allocator" line says whether GLIBC_TUNABLES or LD_PRELOAD change how fresh tensors are paid for (README,
-"CPU performance").
+"CPU benchmark", "Measuring on this VM").
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def resnet_rows(rounds):
 
 
 def _allocator() -> str:
-    """The environment that decides how freshly allocated tensors cost (see README, "CPU performance")."""
+    """The environment that decides how freshly allocated tensors cost (README, "Measuring on this VM")."""
     said = [f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)]
     return ", ".join(said) if said else "default (glibc malloc, no GLIBC_TUNABLES / LD_PRELOAD)"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of ddf_mul_resnet50, resnet50 and the floor net goes, by bottleneck part (inference, batch 8, 224x224).
+"""Where the inference time of ddf_mul_resnet50, resnet50 and the floor net goes, by bottleneck part (batch 8, 224²).
 
     python benchmarks/resnet_layers.py                     # NCHW, 2 threads
     python benchmarks/resnet_layers.py --channels-last
@@ -29,7 +29,8 @@ PARTS = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3")
 
 
 def _hook_parts(net, times: dict) -> None:
-    """Record the duration of every bottleneck part's forward into times[part] (one list per net)."""
+    """Record every bottleneck part's forward durations in times[key] = [part name, duration, ...] (one key per
+    block and part; one dict per net)."""
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
         for block in layer:
             for part in PARTS:

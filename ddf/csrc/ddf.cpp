@@ -88,8 +88,8 @@ inline GeoI make_geo(const Tensor& input, int64_t k, int64_t d, int64_t s, int64
 
 // FilterNorm (paper Eq. 3), in place, of n filters of kk taps stored tap-major (tap j of filter i at v[j * ts + i]):
 // each becomes gain * (v - mean) / (unbiased std + eps). mean[i] and sd[i] receive each filter's statistics (the
-// backward keeps them); scale is scratch. The one home of these statistics for the SIMD kernels (NCHW forward and
-// backward row blocks, NHWC rows): the loops over filters vectorise.
+// backward keeps them); scale is scratch. The one home of these statistics for every C++ kernel (NCHW forward and
+// backward row blocks, NHWC rows, single pixels of the exact fallback): the loops over filters vectorise.
 template <typename acc_t>
 DDF_INLINE void filter_norm_tap_major(acc_t* DDF_RESTRICT v, int64_t ts, int64_t kk, int64_t n, acc_t gain,
                                       acc_t* DDF_RESTRICT mean, acc_t* DDF_RESTRICT sd, acc_t* DDF_RESTRICT scale) {
@@ -196,23 +196,16 @@ std::vector<at::opmath_type<scalar_t>> transpose_channel_filter(const Tensor& ch
 }
 
 // The k*k taps of every head at one pixel (read through the filter's strides) as acc_t in taps[h * kk + j],
-// normalised per head when `norm` (see load_spatial_rows; the SIMD kernels use load_row_taps, a row at a time).
+// normalised per head when `norm` (each head one filter of filter_norm_tap_major; the SIMD kernels use
+// load_row_taps, a row at a time).
 template <typename scalar_t>
 inline void load_pixel_taps(const scalar_t* spp, int64_t ssC, const GeoI& g, bool norm, at::opmath_type<scalar_t> gain,
                             at::opmath_type<scalar_t>* DDF_RESTRICT taps) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t t = 0; t < g.head * g.kk; ++t) taps[t] = static_cast<acc_t>(spp[t * ssC]);
-  if (!norm) return;
-  for (int64_t h = 0; h < g.head; ++h) {
-    acc_t* DDF_RESTRICT v = taps + h * g.kk;
-    acc_t mean = 0, var = 0;
-    for (int64_t j = 0; j < g.kk; ++j) mean += v[j];
-    mean /= acc_t(g.kk);
-    for (int64_t j = 0; j < g.kk; ++j) var += (v[j] - mean) * (v[j] - mean);
-    const acc_t sd = std::sqrt(var / acc_t(g.kk - 1));
-    const acc_t scale = gain / (sd + acc_t(kFilterNormEps));
-    for (int64_t j = 0; j < g.kk; ++j) v[j] = (v[j] - mean) * scale;
-  }
+  acc_t mean, sd, scale;
+  for (int64_t h = 0; norm && h < g.head; ++h)
+    filter_norm_tap_major(taps + h * g.kk, 1, g.kk, 1, gain, &mean, &sd, &scale);
 }
 
 // NHWC forward: one task per (b, output row). For every output pixel, its taps are loaded (and normalised) once,
