@@ -145,6 +145,30 @@ def test_channel_branch_fast_path_matches_branch(dtype, tol, channels_last):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_matches_conv2d(dtype, tol, stride, channels_last):
+    """The spatial branch's 1x1 conv (a batched GEMM on NCHW CPU tensors, the convolution otherwise): value, output
+    layout and gradients (input, weight, bias) equal F.conv2d's."""
+    torch.manual_seed(0)
+    m = ddf.modules.PointwiseConv2d(12, 9, stride).to(dtype)
+    assert list(m.state_dict()) == ["weight", "bias"] and m.weight.shape == (9, 12, 1, 1)
+    x = torch.randn(3, 12, 7, 10, generator=_gen(11), dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = m(xa), F.conv2d(xb, m.weight, m.bias, stride=stride)
+    assert got.shape == want.shape == (3, 9, (7 - 1) // stride + 1, (10 - 1) // stride + 1)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    g = torch.randn(want.shape, generator=_gen(12), dtype=torch.float64).to(dtype)
+    grads_got = torch.autograd.grad(got, [xa, m.weight, m.bias], g)
+    grads_want = torch.autograd.grad(want, [xb, m.weight, m.bias], g)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 10)
+
+
 def test_channel_branch_other_layouts_run_as_built():
     torch.manual_seed(0)
     m = DDFPack(8, 3, normalization="sigmoid").double()
