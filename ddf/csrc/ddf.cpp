@@ -74,6 +74,45 @@ inline void valid_range(int64_t off, int64_t s, int64_t W, int64_t Wo, int64_t& 
   if (x1 < x0) x1 = x0;
 }
 
+// Stride-phase split of one row of n values: src[ix] goes to dst[((ix + P) % s) * ps + (ix + P) / s] (phase rows
+// ps apart; P: the padding columns before the row). Stride 2 runs a loop with a compile-time stride, which GCC
+// vectorises with even/odd lane permutes in the instruction set it is inlined into (the scalar gather of every
+// other stride cost about as much as the filtering at stride 2).
+template <typename scalar_t, typename acc_t>
+DDF_INLINE void split_phases(const scalar_t* DDF_RESTRICT src, int64_t n, int64_t s, int64_t P,
+                             acc_t* DDF_RESTRICT dst, int64_t ps) {
+  if (s == 2) {
+    acc_t* DDF_RESTRICT ev = dst + (P % 2) * ps + P / 2;  // even columns ix = 2m
+    acc_t* DDF_RESTRICT od = dst + ((P + 1) % 2) * ps + (P + 1) / 2;  // odd columns ix = 2m + 1
+    const int64_t h = n / 2;
+    for (int64_t m = 0; m < h; ++m) {
+      ev[m] = static_cast<acc_t>(src[2 * m]);
+      od[m] = static_cast<acc_t>(src[2 * m + 1]);
+    }
+    if (n % 2) ev[h] = static_cast<acc_t>(src[n - 1]);
+    return;
+  }
+  for (int64_t ix = 0; ix < n; ++ix) dst[((ix + P) % s) * ps + (ix + P) / s] = static_cast<acc_t>(src[ix]);
+}
+
+// The inverse of split_phases with P = 0: dst[ix] = src[(ix % s) * ps + ix / s] for ix in [0, n).
+template <typename acc_t, typename scalar_t>
+DDF_INLINE void merge_phases(const acc_t* DDF_RESTRICT src, int64_t ps, int64_t n, int64_t s,
+                             scalar_t* DDF_RESTRICT dst) {
+  if (s == 2) {
+    const acc_t* DDF_RESTRICT ev = src;
+    const acc_t* DDF_RESTRICT od = src + ps;
+    const int64_t h = n / 2;
+    for (int64_t m = 0; m < h; ++m) {
+      dst[2 * m] = static_cast<scalar_t>(ev[m]);
+      dst[2 * m + 1] = static_cast<scalar_t>(od[m]);
+    }
+    if (n % 2) dst[n - 1] = static_cast<scalar_t>(ev[h]);
+    return;
+  }
+  for (int64_t ix = 0; ix < n; ++ix) dst[ix] = static_cast<scalar_t>(src[(ix % s) * ps + ix / s]);
+}
+
 struct GeoI {  // problem geometry
   int64_t B, C, H, W, Ho, Wo, k, kk, r, d, s, head, Cg;
 };

@@ -139,8 +139,7 @@ DDF_INLINE void nchw_bwd_load_channel(const scalar_t* in, const scalar_t* go, co
     if (g.s == 1) {
       for (int64_t x = 0; x < g.W; ++x) d[x] = static_cast<acc_t>(s[x]);
     } else {
-      for (int64_t p = 0; p < g.s; ++p)
-        for (int64_t m = 0; p + m * g.s < g.W; ++m) d[p * L.SW + m] = static_cast<acc_t>(s[p + m * g.s]);
+      split_phases<scalar_t, acc_t>(s, g.W, g.s, 0, d, L.SW);
     }
   }
 }
@@ -318,8 +317,7 @@ DDF_INLINE void nchw_input_grads(const GeoI& g, const NchwBwdLayout& L, const Bw
     if (g.s == 1) {
       for (int64_t ix = 0; ix < g.W; ++ix) out[ix] = static_cast<scalar_t>(row[ix]);
     } else {
-      for (int64_t p = 0; p < g.s; ++p)
-        for (int64_t m = 0; p + m * g.s < g.W; ++m) out[p + m * g.s] = static_cast<scalar_t>(row[p * L.Wv + m]);
+      merge_phases<acc_t, scalar_t>(row, L.Wv, g.W, g.s, out);
     }
   }
 }

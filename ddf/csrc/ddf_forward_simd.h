@@ -205,14 +205,8 @@ void load_plane_flat(const scalar_t* DDF_RESTRICT in, const GeoI& g, const FlatG
       int64_t x = 0;
       for (; x + L <= g.W; x += L) vstore<acc_t>(row + f.P + x, load_acc<scalar_t>(src + x));
       for (; x < g.W; ++x) row[f.P + x] = static_cast<acc_t>(src[x]);
-    } else {
-      for (int64_t px = 0; px < g.s; ++px) {  // phase px: padded columns px + m*s, i.e. input column px + m*s - P
-        const int64_t m0 = std::max<int64_t>(0, (f.P - px + g.s - 1) / g.s);
-        const int64_t m1 = (g.W + f.P - px + g.s - 1) / g.s;
-        acc_t* DDF_RESTRICT d = row + px * f.PQ;
-        const scalar_t* DDF_RESTRICT sx = src + px - f.P;
-        for (int64_t m = m0; m < m1; ++m) d[m] = static_cast<acc_t>(sx[m * g.s]);
-      }
+    } else {  // phase px holds padded columns px + m*s (input column ix at padded column ix + P)
+      split_phases<scalar_t, acc_t>(src, g.W, g.s, f.P, row, f.PQ);
     }
   }
 }
