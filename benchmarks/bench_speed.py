@@ -203,6 +203,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="3 rounds, resolutions 7 and 28, no ResNet-50 rows")
+    p.add_argument("--only", choices=("op", "module", "resnet"), default="",
+                   help="only the rows of the op, of DDFPack vs Conv3x3, or of ResNet-50 (default: all)")
     p.add_argument("--save", default="", help="folder for speed_<date>.md")
     args = p.parse_args(argv)
     if args.save and not os.path.isdir(args.save):
@@ -218,8 +220,12 @@ def main(argv=None):
     if load[0] != "?" and float(load[0]) > 0.5 * (os.cpu_count() or 1):
         header.append(f"- WARNING: the machine is busy (load {load[0]} on {os.cpu_count()} cores): threads of one "
                       "op wait for descheduled peers, so the ratios are unreliable")
-    rows = op_rows(rounds) + module_rows(rounds, (7, 28) if args.quick else (7, 14, 28, 56))
-    if not args.quick:
+    rows = []
+    if args.only in ("", "op"):
+        rows += op_rows(rounds)
+    if args.only in ("", "module"):
+        rows += module_rows(rounds, (7, 28) if args.quick else (7, 14, 28, 56))
+    if args.only == "resnet" or (not args.only and not args.quick):
         rows += resnet_rows(rounds)
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
     text = render(rows, header + [f"- load average after: {' '.join(load)}"])
