@@ -5,6 +5,8 @@ Each entry: ``id``, ``file``, ``what`` (the bug in words), ``old`` (text that mu
 Written on 2026-11-24 against the code of that day (mutants 2, 11 and 26 were first written as equivalent
 mutants, i.e. no bug at all, and replaced by real ones), independently of the campaign behind issue 15 (whose mutants
 were not kept): other bugs of the same kinds (wrong index, wrong layout, missing check, wrong dtype, lost state).
+On 2026-12-05, 9 of them (5, 14-19, 27, 28), whose text the refactored code no longer had, were re-targeted at the
+same bug in today's code, and 34-35 were added; tests/test_mutants.py checks that every mutant still applies.
 """
 
 OP_TESTS = ["tests/test_op.py", "tests/test_op_errors.py"]
@@ -27,8 +29,8 @@ MUTANTS = [
          new='k = check_int("ddf", "kernel_size", kernel_size, 1)',
          tests=OP_TESTS),
     dict(id=5, file="ddf/reference.py", what="FilterNorm uses the biased std",
-         old="return x / (x.std(dim=dim, keepdim=True) + eps)",
-         new="return x / (x.std(dim=dim, keepdim=True, correction=0) + eps)",
+         old="return ((centred * centred).sum(dim=dim, keepdim=True) / (n - 1)).sqrt()",
+         new="return ((centred * centred).sum(dim=dim, keepdim=True) / n).sqrt()",
          tests=OP_TESTS + ["tests/test_modules.py"]),
     dict(id=6, file="ddf/reference.py", what="padded taps no longer masked in the forward",
          old="    filt = torch.where(valid, filt, torch.zeros((), dtype=filt.dtype, device=filt.device))\n",
@@ -59,21 +61,24 @@ MUTANTS = [
     dict(id=13, file="ddf/functional.py", what="legacy call form ddf(x, ch, sp, k, d, s, 'add') ignores the combine",
          old="        kernel_combine, head = head, 1", new="        head = 1", tests=OP_TESTS),
     dict(id=14, file="ddf/modules.py", what="FilterNorm in half precision without the float32 upcast",
-         old="    if y.dtype in (torch.float16, torch.bfloat16):\n        return filter_norm(y.float(), dim=2).to(y.dtype)\n",
+         old="    if y.dtype == torch.float16 or y.dtype == torch.bfloat16:\n"
+             "        return filter_norm(y.float(), dim=2).to(y.dtype)\n",
          new="", tests=["tests/test_modules.py", "tests/test_fused.py"]),
     # ---- C++ CPU kernels
     dict(id=15, file="ddf/csrc/ddf.cpp", what="valid column range off by one at the left border",
-         old="x0 = off < 0 ? (-off + s - 1) / s : 0;", new="x0 = off < 0 ? (-off) / s : 0;", tests=KERNEL_TESTS),
-    dict(id=16, file="ddf/csrc/ddf.cpp", what="NHWC grad_input: stride divisibility check of x dropped",
-         old="if (tx < 0 || tx % g.s != 0) continue;", new="if (tx < 0) continue;", tests=KERNEL_TESTS),
-    dict(id=17, file="ddf/csrc/ddf.cpp", what="NHWC grad_channel partial sums use the channel filter (mul)",
-         old="pj[c] += MUL ? gi * sv : gi;", new="pj[c] += MUL ? gi * cj[c] : gi;", tests=KERNEL_TESTS),
-    dict(id=18, file="ddf/csrc/ddf.cpp", what="fused FilterNorm uses the biased variance in the C++ forward",
-         old="var[i] = gain / (std::sqrt(var[i] / acc_t(g.kk - 1)) + acc_t(kFilterNormEps));",
-         new="var[i] = gain / (std::sqrt(var[i] / acc_t(g.kk)) + acc_t(kFilterNormEps));", tests=KERNEL_TESTS),
-    dict(id=19, file="ddf/csrc/ddf.cpp", what="NHWC grad_spatial of padded taps left unwritten",
-         old="              for (int64_t h = 0; h < g.head; ++h) tp[(h * g.kk + j) * tsC] = scalar_t(0);\n",
-         new="", tests=KERNEL_TESTS),
+         old="x0 = std::min(Wo, off < 0 ? (-off + s - 1) / s : int64_t(0));",
+         new="x0 = std::min(Wo, off < 0 ? (-off) / s : int64_t(0));", tests=KERNEL_TESTS),
+    dict(id=16, file="ddf/csrc/ddf_backward_simd.h", what="NHWC grad_input: stride divisibility check of x dropped",
+         old="if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.Wo) continue;",
+         new="if (tx < 0 || tx / g.s >= g.Wo) continue;", tests=KERNEL_TESTS),
+    dict(id=17, file="ddf/csrc/ddf_backward_simd.h", what="NHWC grad_channel partial sums use the channel filter (mul)",
+         old="pj[c] += MUL ? v * sv : v;", new="pj[c] += MUL ? v * cj[c] : v;", tests=KERNEL_TESTS),
+    dict(id=18, file="ddf/csrc/ddf.cpp", what="fused FilterNorm uses the biased variance in the C++ kernels",
+         old="sd[i] = std::sqrt(sd[i] / acc_t(kk - 1));", new="sd[i] = std::sqrt(sd[i] / acc_t(kk));",
+         tests=KERNEL_TESTS),
+    dict(id=19, file="ddf/csrc/ddf_backward_simd.h",
+         what="NHWC grad_spatial of padded taps left stale (the pixel group's sums not cleared)",
+         old="  std::fill(G, G + NP * hkk, acc_t(0));\n", new="", tests=KERNEL_TESTS),
     dict(id=20, file="ddf/csrc/ddf_common.h", what="C++ head check dropped", old="TORCH_CHECK(C % head == 0,",
          new="TORCH_CHECK(true || C % head == 0,", tests=OP_TESTS),
     # ---- Triton kernels (run in the interpreter)
@@ -97,10 +102,11 @@ MUTANTS = [
          new="    return dtype", tests=KERNEL_TESTS),
     # ---- modules and models
     dict(id=27, file="ddf/modules.py", what="fused path uses gain 1 instead of the FilterNorm scale",
-         old="    return x, float(last.std)", new="    return x, 1.0", tests=["tests/test_fused.py", "tests/test_modules.py"]),
+         old="self.fusable_gain = float(last.std) if", new="self.fusable_gain = 1.0 if",
+         tests=["tests/test_fused.py", "tests/test_modules.py"]),
     dict(id=28, file="ddf/modules.py", what="DDFUpPack branches pixel-shuffled in the wrong order",
-         old="out = torch.stack(outs, dim=2).reshape(b, c * self.scale_factor ** 2, h, w)",
-         new="out = torch.stack(outs[::-1], dim=2).reshape(b, c * self.scale_factor ** 2, h, w)",
+         old="out = torch.stack(outs, dim=2).reshape(",
+         new="out = torch.stack(outs[::-1], dim=2).reshape(",
          tests=["tests/test_modules.py", "tests/test_fused.py"]),
     dict(id=29, file="ddf/models/ddf_resnet.py", what="tiny models' first_conv back to conv1",
          old='crop_pct=1.0, first_conv="conv1.0"),\n    "ddf_add_resnet_tiny"',
@@ -119,4 +125,10 @@ MUTANTS = [
          old="            use_ema = bool(recorded) if recorded is not None else ema is not None",
          new="            use_ema = False if recorded is not None else ema is not None",
          tests=TRAIN_TESTS + ["tests/test_state_dict.py"]),
+    # ---- added 2026-12-05 with the code they mutate
+    dict(id=34, file="ddf/modules.py", what="spatial branch's 1x1 conv drops its bias on NCHW CPU tensors",
+         old="    return torch.baddbmm(bias.view(1, o, 1).expand(b, o, h * w), wt, xs).view(b, o, h, w)",
+         new="    return torch.bmm(wt, xs).view(b, o, h, w)", tests=["tests/test_modules.py"]),
+    dict(id=35, file="ddf/csrc/ddf.cpp", what="C++ stride 2: grad_input's last column of an odd width left unwritten",
+         old="    if (n % 2) dst[n - 1] = static_cast<scalar_t>(ev[h]);\n", new="", tests=KERNEL_TESTS),
 ]
