@@ -302,22 +302,27 @@ def test_double_backward_matches_reference(backend, combine, spatial_norm):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_non_finite_filter_on_padded_tap_is_skipped(backend):
-    """A tap on the zero padding contributes exactly 0, even when its filter value is Inf/NaN (every backend)."""
-    x, ch, sp = make_inputs(1, 4, 6, 7, 3, 1, 2, seed=17)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_non_finite_filter_on_padded_tap_is_skipped(backend, stride, channels_last):
+    """A tap on the zero padding contributes exactly 0, even when its filter value is Inf/NaN (every backend, both
+    layouts; at stride 2 the left-border tap starts the valid column range at ceil(r*d/s))."""
+    x, ch, sp = make_inputs(1, 4, 6, 7, 3, stride, 2, seed=17, channels_last=channels_last)
     sp = sp.clone()
     sp[0, 0, 0, :] = float("inf")  # tap (jy=0, jx=0) of head 0 is on the padding for the whole first row
     sp[0, 9 + 2, :, -1] = float("nan")  # tap (jy=0, jx=2) of head 1 is on the padding for the last column
+    sp[0, 9 + 3, :, 0] = float("-inf")  # tap (jy=1, jx=0) of head 1 is on the padding for the first column
     leaves = [t.clone().requires_grad_() for t in (x, ch, sp)]
     with ddf.use_backend(backend):
-        out = ddf.ddf(*leaves, 3, 1, 1, 2, "mul")
+        out = ddf.ddf(*leaves, 3, 1, stride, 2, "mul")
         out.backward(torch.ones_like(out))
     assert torch.isfinite(out).all()
     finite_sp = torch.where(torch.isfinite(sp), sp, torch.zeros_like(sp))
-    assert torch.allclose(out, ddf_reference(x, ch, finite_sp, 3, 1, 1, 2, "mul"), atol=1e-12)
+    assert torch.allclose(out, ddf_reference(x, ch, finite_sp, 3, 1, stride, 2, "mul"), atol=1e-12)
     for leaf in leaves:
         assert torch.isfinite(leaf.grad).all()
     assert leaves[2].grad[0, 0, 0, :].abs().max() == 0
+    assert leaves[2].grad[0, 9 + 3, :, 0].abs().max() == 0
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
