@@ -78,6 +78,9 @@ def _model_options(p) -> None:
     g.add_argument("--pretrained", action="store_true", default=False)
     g.add_argument("--initial-checkpoint", default="", help="weights to start from (fine-tuning); not a resume")
     g.add_argument("--resume", default="", help="checkpoint to continue the same run from (last.pth.tar)")
+    g.add_argument("--trust-checkpoint", action="store_true", default=False,
+                   help="load --resume/--initial-checkpoint files with full unpickling, which can run code from the "
+                        "file (default: weights-only loading, which refuses such files)")
     g.add_argument("--no-resume-opt", action="store_true", default=False,
                    help="on --resume restore only weights and epoch, not optimizer/scaler/EMA state")
     g.add_argument("--num-classes", type=int, default=None, help="default: number of classes in the data")
@@ -346,7 +349,7 @@ def build_model(args, num_classes: int, rt: runtime.Runtime):
                               **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}),
                               **args.model_kwargs)
     if args.initial_checkpoint:
-        load_initial_weights(model, args.initial_checkpoint)
+        load_initial_weights(model, args.initial_checkpoint, args.trust_checkpoint)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     _logger.info("model %s: %.2fM params, kwargs %s, data config %s", args.model,
                  sum(p.numel() for p in model.parameters()) / 1e6, args.model_kwargs, data_config)
@@ -364,9 +367,9 @@ def build_model(args, num_classes: int, rt: runtime.Runtime):
     return model, ema, data_config
 
 
-def load_initial_weights(model: nn.Module, path: str) -> None:
+def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> None:
     """Fine-tuning start: weights only; tensors whose shape differs (e.g. another classifier size) stay initialised."""
-    sd = unwrap_state_dict(load_checkpoint(path))
+    sd = unwrap_state_dict(load_checkpoint(path, trust=trust))
     own = model.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     for k in mismatched:
@@ -458,7 +461,7 @@ def check_resume(path: str, ckpt: Dict, sig: Dict, mid_epoch: bool, class_names:
 
 def resume(args, parts: TrainParts, sig: Dict, class_names: List[str]):
     """Load --resume into the bare model / EMA / optimizer / scaler / scheduler; return (epoch, step, ckpt)."""
-    ckpt = load_checkpoint(args.resume)
+    ckpt = load_checkpoint(args.resume, trust=args.trust_checkpoint)
     if ckpt.get("arch") and ckpt["arch"] != args.model:
         raise cli.UsageError(f"--resume {args.resume} was trained as {ckpt['arch']!r} but --model is {args.model!r}")
     step = int(ckpt.get("step", 0))

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name(s); optional when the checkpoint records 'arch'. One name applies to every "
                         "checkpoint, or give one per checkpoint")
     p.add_argument("--checkpoint", nargs="+", default=None, help="checkpoint file(s)")
+    p.add_argument("--trust-checkpoint", action="store_true", default=False,
+                   help="load checkpoints with full unpickling, which can run code from the file (default: "
+                        "weights-only loading, which refuses such files)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="create_model kwargs (override those recorded in the checkpoint)")
     g = p.add_mutually_exclusive_group()
@@ -99,8 +102,8 @@ class ValidationFailed(RuntimeError):
     """Some checkpoints could not be evaluated; the results of the others were printed and written."""
 
 
-def _checkpoint_info(ckpt_path: Optional[str]) -> Dict:
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+def _checkpoint_info(ckpt_path: Optional[str], trust: bool = False) -> Dict:
+    ckpt = load_checkpoint(ckpt_path, trust=trust) if ckpt_path else None
     if ckpt is not None and not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {os.path.abspath(ckpt_path)} holds a {type(ckpt).__name__}, not a dict")
     ckpt = ckpt or {}
@@ -143,7 +146,7 @@ def _data_config(args, info: Dict, model) -> Dict:
 
 
 def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], device: torch.device) -> Dict:
-    info = _checkpoint_info(ckpt_path)
+    info = _checkpoint_info(ckpt_path, args.trust_checkpoint)
     if model_name is None:
         if not info["arch"]:
             raise ValueError(f"--model is required: checkpoint {ckpt_path} records no 'arch'")

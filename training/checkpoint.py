@@ -94,11 +94,53 @@ def verify_checkpoint(path: str) -> str:
     return "sha256"
 
 
-def load_checkpoint(path: str) -> Any:
-    """Verify, then load onto the CPU. Raises :class:`CheckpointError` naming the file when missing or damaged."""
+def _legacy_numpy_globals() -> List[Any]:
+    """The numpy types that checkpoints written before 2026-12-07 hold (numpy's RNG state as an ndarray): data
+    containers only, nothing that runs code. New checkpoints store it as plain data and need none of them."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None)
+    multiarray = getattr(multiarray, "multiarray", None) or np.core.multiarray
+    found = [np.ndarray, np.dtype, multiarray._reconstruct]
+    found += [t for t in (getattr(np.dtypes, "UInt32DType", None), getattr(np.dtypes, "Int64DType", None)) if t]
+    return found
+
+
+def _refusal(path: str, err: Exception) -> CheckpointError:
+    unsafe = []
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - legacy format: no listing, the pickle error below says enough
+        pass
+    what = f"it holds {', '.join(unsafe[:4])}" if unsafe else f"{str(err).splitlines()[0][:200]}"
+    return CheckpointError(
+        f"checkpoint {os.path.abspath(path)} needs arbitrary code to load ({what}), so it was refused; only load a "
+        f"file you trust that way: pass --trust-checkpoint (runs its code), or convert it once with "
+        f"`python tools/convert_checkpoint.py {path} OUT.pth.tar` (also runs its code, once, then writes plain data)")
+
+
+def load_checkpoint(path: str, trust: bool = False) -> Any:
+    """Verify, then load onto the CPU without running any code from the file.
+
+    ``torch.load(weights_only=True)`` with an allow-list of the few plain container types our older checkpoints hold
+    (``argparse.Namespace``, numpy arrays); a file that needs anything else is refused with a
+    :class:`CheckpointError` that says how to load a trusted file. ``trust=True`` (``--trust-checkpoint``) uses
+    full unpickling, which runs the file's code. Raises :class:`CheckpointError` naming the file when missing or
+    damaged."""
+    import argparse
+    import pickle
+
     verify_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trust:
+            _logger.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace, *_legacy_numpy_globals()]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if trust:
+            raise CheckpointError(f"checkpoint {os.path.abspath(path)} cannot be loaded: {e}") from e
+        raise _refusal(path, e) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise CheckpointError(f"checkpoint {os.path.abspath(path)} cannot be loaded: {type(e).__name__}: {e}") from e
 

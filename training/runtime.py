@@ -147,7 +147,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state is stored as plain data (name, uint32 words as an int64 tensor, pos, has_gauss, cached_gaussian), so
+    # checkpoints load with torch.load(weights_only=True) and no numpy allow-list
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -155,7 +159,10 @@ def rng_state() -> Dict:
 
 def set_rng_state(st: Dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    if isinstance(keys, torch.Tensor):  # plain-data form (see rng_state); older checkpoints hold the ndarray
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         try:
