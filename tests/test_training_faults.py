@@ -502,3 +502,40 @@ def test_hugging_face_dataset_trains_and_resumes(demo_root, tmp_path):
     assert first["global_step"] == 3 and first["interrupted"]
     res = train.main([cache, *args, "--experiment", "hf", "--resume", os.path.join(first["output"], "last.pth.tar")])
     assert res["global_step"] == 10 and len(res["history"]) >= 1 and res["best_metric"] >= 0
+
+
+def test_demo_root_keeps_a_users_file_in_a_demo_folder_with_other_parameters(tmp_path):
+    """Issue 30 item 2: a folder with a ddf_demo.json of other parameters plus the user's mine.txt is refused and kept
+    whole (it used to be replaced, mine.txt lost); a demo build of its own files only is still rebuilt."""
+    root = tmp_path / "ddf_demo"
+    build_demo_dataset(str(root), train_per_class=1, val_per_class=1, img_size=8, verbose=False)
+    (root / "mine.txt").write_text("keep me")
+    (root / "train" / "flat" / "extra.jpeg").write_bytes(b"mine too")
+    before = _snapshot(root)
+    for call in (lambda: build_demo_dataset(str(root), train_per_class=2, val_per_class=1, img_size=8, verbose=False),
+                 lambda: train.main(["--demo-root", str(root), "--demo-train-per-class", "2", "--demo-val-per-class",
+                                     "1", "--demo-img-size", "8", "--output", str(tmp_path / "out"),
+                                     "--workers", "0"])):
+        with pytest.raises(DemoRootError, match="mine.txt|extra.jpeg") as ei:
+            call()
+        assert str(root) in str(ei.value) and "\n" not in str(ei.value)
+    assert _snapshot(root) == before and (root / "mine.txt").read_text() == "keep me"
+    (root / "mine.txt").unlink()
+    (root / "train" / "flat" / "extra.jpeg").unlink()
+    build_demo_dataset(str(root), train_per_class=2, val_per_class=1, img_size=8, verbose=False)
+    assert len(os.listdir(root / "train" / "flat")) == 2
+
+
+def test_demo_root_unwritable_is_one_line(tmp_path, monkeypatch):
+    """Issue 30 item 2: a read-only --demo-root parent is one DemoRootError line (was a raw OSError). The session runs
+    as root, where chmod does not stop writes, so the read-only file system is simulated at mkdtemp."""
+    import errno
+    import tempfile as _tempfile
+
+    def _ro(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(_tempfile, "mkdtemp", _ro)
+    root = tmp_path / "ro" / "ddf_demo"
+    with pytest.raises(DemoRootError, match="cannot write the demo dataset") as ei:
+        build_demo_dataset(str(root), train_per_class=1, val_per_class=1, img_size=8, verbose=False)
+    assert "Read-only file system" in str(ei.value) and str(root) in str(ei.value)

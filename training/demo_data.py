@@ -14,8 +14,10 @@ The build is deterministic for a given seed, happens once, and is atomic: it is 
 folder that is renamed into place only when complete, so an interrupted build never leaves a half dataset behind.
 
 Safety: the dataset is built only where nothing of the user's can be lost: a folder that does not exist, an empty
-folder, or a folder marked as a demo dataset by its ``ddf_demo.json`` (a demo build with other parameters is
-replaced). Any other existing path is refused with a :class:`DemoRootError` naming it; nothing is deleted.
+folder, or a folder marked as a demo dataset by its ``ddf_demo.json`` that holds only what that build wrote (the
+marker's parameters are its manifest; such a build with other parameters is replaced). Any other existing path, or
+a demo folder with a file the build did not write, is refused with a :class:`DemoRootError` naming it; nothing is
+deleted. A folder that cannot be written is one DemoRootError line too.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -207,16 +209,50 @@ def is_built(root: str, **overrides) -> bool:
         return False
 
 
+def _own_files(params: Dict) -> set:
+    """The relative paths a demo build with ``params`` writes (its manifest: the marker's parameters name them)."""
+    names = class_names(params["kind"])
+    files = {_MARKER}
+    for split, n in (("train", params["train_per_class"]), ("val", params["val_per_class"])):
+        files.add(split)
+        files.update(os.path.join(split, c) for c in names)
+        files.update(os.path.join(split, c, f"{c}_{i:05d}.jpeg") for c in names for i in range(n))
+    return files
+
+
+def _foreign_file(root: str) -> Optional[str]:
+    """The first path under ``root`` that a demo build (as its marker describes it) did not write, or None."""
+    try:
+        with open(os.path.join(root, _MARKER)) as f:
+            own = _own_files(_params(**json.load(f)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"{_MARKER} (unreadable: {e})"
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel not in own or (name in dirnames and os.path.islink(os.path.join(dirpath, name))):
+                return rel
+    return None
+
+
 def check_demo_root(root: str) -> None:
-    """Raise DemoRootError unless ``root`` is missing, an empty folder, or a demo-marked folder."""
+    """Raise DemoRootError unless ``root`` is missing, an empty folder, or a demo build holding only the files that
+    build wrote (a folder with anything else in it is refused, so nothing of the user's is ever replaced)."""
     root = os.path.abspath(root)
     if not os.path.lexists(root):
         return
     if os.path.islink(root) or not os.path.isdir(root):
         raise DemoRootError(f"--demo-root {root} exists and is not a folder; give a new or empty folder")
-    if os.listdir(root) and not os.path.isfile(os.path.join(root, _MARKER)):
+    if not os.listdir(root):
+        return
+    if not os.path.isfile(os.path.join(root, _MARKER)):
         raise DemoRootError(f"--demo-root {root} is a non-empty folder that is not a demo dataset (no {_MARKER}); "
                             f"refusing to build there so nothing in it is replaced: give a new or empty folder")
+    foreign = _foreign_file(root)
+    if foreign is not None:
+        raise DemoRootError(f"--demo-root {root} is a demo dataset that also holds {foreign}, which the demo build "
+                            f"did not write; refusing to rebuild there so it is kept: move it out or give a new "
+                            f"or empty folder")
 
 
 def _draw_all(tmp: str, params: Dict, names, draw) -> None:
@@ -249,11 +285,15 @@ def build_demo_dataset(root: str = DEFAULT_ROOT, train_per_class: int = None, va
         return root
     check_demo_root(root)
     parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ddf_demo_tmp_", dir=parent)
+    except OSError as e:
+        raise DemoRootError(f"--demo-root {root}: cannot write the demo dataset in {parent} "
+                            f"({e.strerror or e}); give a writable folder") from None
     if verbose:
         print(f"Building demo dataset in {root} ({len(names)} {params['kind']} classes, {params['train_per_class']} "
               f"train / {params['val_per_class']} val images per class, {params['img_size']}px) ...", flush=True)
-    tmp = tempfile.mkdtemp(prefix=".ddf_demo_tmp_", dir=parent)
     try:
         _draw_all(tmp, params, names, draw)
         if os.path.isdir(root):  # empty, or an earlier demo build with other parameters (checked above)
