@@ -60,6 +60,7 @@ if ROOT not in sys.path:
 
 import ddf.modules as ddf_modules  # noqa: E402
 from ddf import DDFPack, backend_info, ddf  # noqa: E402
+from ddf.backends import op_label  # noqa: E402
 from benchmarks.pac import PacConv2dBaseline  # noqa: E402
 from training.io import atomic_write, check_output_dir, check_output_file  # noqa: E402
 
@@ -705,6 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    log(f"op: {op_label(device)} | device: {device}")
     copy = copy_bandwidth(device, args.copy_mib, args)
     log(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
     jobs = []

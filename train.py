@@ -13,6 +13,7 @@ See README.md, "Training and validation".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
+from ddf.backends import BACKENDS, require_compiled, use_backend
 from training import cli, data as tdata, runtime
 from training.checkpoint import CheckpointSaver, load_checkpoint, unwrap_state_dict
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
@@ -152,6 +154,9 @@ def _run_options(p) -> None:
     g.add_argument("--apex-amp", action="store_true", default=False, help="not supported (apex); use --amp")
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--ddf-backend", default=None, choices=BACKENDS,
+                   help="kernels of the DDF op (default: DDF_BACKEND, else auto; a run stops when auto would fall "
+                        "back to the slow reference, unless this or DDF_BACKEND says reference)")
     g = p.add_argument_group("run, logging, checkpoints")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--deterministic", action="store_true", default=False,
@@ -491,7 +496,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     rt = runtime.init_runtime(args.device)
     runtime.setup_logging(rt.rank)
     try:
-        with runtime.determinism(args.deterministic, rt.device), runtime.GracefulStop(rt) as stop:
+        with runtime.determinism(args.deterministic, rt.device), runtime.GracefulStop(rt) as stop, \
+                (use_backend(args.ddf_backend) if args.ddf_backend else contextlib.nullcontext()):
             return run(args, rt, stop)
     finally:
         runtime.shutdown(rt)
@@ -499,6 +505,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def run(args, rt: runtime.Runtime, stop: runtime.GracefulStop) -> Dict:
     runtime.seed_everything(args.seed)
+    try:  # before any output: a failed kernel build never silently becomes a slow run
+        op = require_compiled(rt.device)
+    except RuntimeError as exc:
+        raise cli.UsageError(str(exc)) from None
     out_dir = prepare_output(args, rt)
     args.demo = False
     data = build_data(args, rt)
@@ -520,8 +530,8 @@ def run(args, rt: runtime.Runtime, stop: runtime.GracefulStop) -> Dict:
         saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
         runlog = runtime.RunLog(out_dir, tensorboard=not args.no_tensorboard)
     _logger.info("output: %s | %d process(es) on %s | precision: %s | global batch %d, lr %.4g | %d epochs x %d "
-                 "steps | %s", out_dir, rt.world_size, rt.device, args.precision, args.batch_size * rt.world_size,
-                 args.lr_effective, plan.epochs, plan.steps_per_epoch, "demo dataset" if args.demo else data.train.source)
+                 "steps | op: %s | %s", out_dir, rt.world_size, rt.device, args.precision, args.batch_size * rt.world_size,
+                 args.lr_effective, plan.epochs, plan.steps_per_epoch, op, "demo dataset" if args.demo else data.train.source)
     meta = {"version": CKPT_VERSION, "arch": args.model, "args": plain_args(args), "num_classes": data.num_classes,
             "class_names": data.train.classes, "model_kwargs": dict(args.model_kwargs),
             "data_config": dict(data_config), "run": sig}

@@ -26,6 +26,7 @@ import timm
 from timm.data import create_transform, resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
+from ddf.backends import op_label
 from training import cli
 from training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 from training.data import BAD_IMAGE_CHOICES, DatasetError, ResumableSampler, collate_skip, create_dataset
@@ -237,6 +238,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         _logger.setLevel(logging.INFO)
         _logger.propagate = False
     device = init_runtime(args.device).device
+    _logger.info("op: %s | device: %s", op_label(device), device)
     results, failed = [], []
     for model_name, ckpt_path in _pairs(args):
         try:

@@ -21,7 +21,7 @@ from . import cpp, settings
 from .settings import BACKENDS
 
 __all__ = ["BACKENDS", "choose", "kernels", "can_run_cpp", "can_run_triton", "use_backend", "backend_info",
-           "requested_backend"]
+           "requested_backend", "op_label", "require_compiled"]
 
 
 def requested_backend() -> str:
@@ -146,3 +146,26 @@ def backend_info() -> str:
     else:
         parts.append("cuda: no CUDA device")
     return "; ".join(parts)
+
+
+def op_label(device) -> str:
+    """The run header's word for the op's kernels on ``device``: ``cpp (compiled)``, ``triton`` or
+    ``reference (slow)`` (``DDF_BACKEND=reference``, or ``auto`` when the compiled kernels cannot run)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        name = choose(torch.device(device))
+    return {"cpp": "cpp (compiled)", "triton": "triton"}.get(name, "reference (slow)")
+
+
+def require_compiled(device) -> str:
+    """:func:`op_label` for a training run: a RuntimeError when ``auto`` would fall back to the slow reference
+    because the compiled kernels are unavailable (a failed or interrupted build), unless the reference was asked
+    for (``DDF_BACKEND=reference``)."""
+    device = torch.device(device)
+    label = op_label(device)
+    if label.startswith("reference") and requested_backend() == "auto" and device.type in _AUTO:
+        _, why = _CAN_RUN[_AUTO[device.type]](device)
+        raise RuntimeError(f"the compiled DDF kernels ({_AUTO[device.type]}) are unavailable on {device.type}: "
+                           f"{why}. Fix that and rerun (a failed build is retried on the next start), or set "
+                           "DDF_BACKEND=reference (or --ddf-backend reference) to train on the slow reference op")
+    return label
