@@ -97,7 +97,8 @@ def _model_options(p) -> None:
     g.add_argument("--drop", type=float, default=0.0, help="classifier dropout")
     g.add_argument("--drop-path", type=float, default=None)
     g.add_argument("--channels-last", action="store_true", default=False)
-    g.add_argument("--torch-compile", nargs="?", const="inductor", default=None, metavar="BACKEND")
+    g.add_argument("--torch-compile", "--torchcompile", dest="torch_compile", nargs="?", const="inductor", default=None,
+                   metavar="BACKEND", help="compile the model with torch.compile (timm spells it --torchcompile)")
 
 
 def _optim_options(p) -> None:
@@ -176,7 +177,7 @@ def _run_options(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description="DDF-ResNet training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="", metavar="FILE",
+    p.add_argument("-c", "--config", default="", metavar="FILE",
                    help="YAML file of defaults (keys = option names); command-line options override it")
     for add in (_data_options, _model_options, _optim_options, _augment_options, _run_options):
         add(p)

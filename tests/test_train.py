@@ -255,3 +255,13 @@ def test_atomic_checkpoint_saver_keeps_top_k(tmp_path):
         save_checkpoint({"x": Boom()}, str(tmp_path / "last.pth.tar"))
     assert load_checkpoint(str(tmp_path / "last.pth.tar"))["epoch"] == 3  # old file intact, no temp left
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_timm_spellings_of_config_and_torchcompile_are_accepted():
+    """timm's `-c` (for --config) and `--torchcompile` parse to the same options as ours."""
+    import train
+    cfg = os.path.join(os.path.dirname(train.__file__), "configs", "demo.yaml")
+    a = train.parse_args(["-c", cfg, "--torchcompile", "eager"])
+    assert a.config == cfg
+    assert a.torch_compile == "eager"
+    assert train.parse_args(["--config", cfg, "--torch-compile"]).torch_compile == "inductor"
