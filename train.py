@@ -417,8 +417,14 @@ def build_optimisation(args, model: nn.Module, ema, data: SimpleNamespace, rt: r
                        sched_on_updates=args.sched_on_updates)
     plan = RunPlan(epochs=num_epochs, steps_per_epoch=data.steps_per_epoch, eval_metric=args.eval_metric,
                    log_interval=args.log_interval, checkpoint_interval=args.checkpoint_interval,
-                   stop_after_steps=args.stop_after_steps, dist_bn=args.dist_bn if rt.distributed else "")
+                   stop_after_steps=args.stop_after_steps, dist_bn=dist_bn_mode(args, rt.distributed))
     return parts, plan
+
+
+def dist_bn_mode(args, distributed: bool) -> str:
+    """BN-statistics sync after each epoch: off when not distributed, and off under --sync-bn (as timm does:
+    SyncBatchNorm already keeps the ranks' running statistics equal)."""
+    return args.dist_bn if distributed and not args.sync_bn else ""
 
 
 def wrap_model(args, parts: TrainParts, rt: runtime.Runtime) -> None:

@@ -265,3 +265,13 @@ def test_timm_spellings_of_config_and_torchcompile_are_accepted():
     assert a.config == cfg
     assert a.torch_compile == "eager"
     assert train.parse_args(["--config", cfg, "--torch-compile"]).torch_compile == "inductor"
+
+
+def test_sync_bn_turns_dist_bn_off_as_in_timm():
+    import train
+    cfg = os.path.join(os.path.dirname(train.__file__), "configs", "demo.yaml")
+    a = train.parse_args(["-c", cfg, "--dist-bn", "reduce"])
+    assert train.dist_bn_mode(a, distributed=True) == "reduce"
+    assert train.dist_bn_mode(a, distributed=False) == ""
+    a.sync_bn = True
+    assert train.dist_bn_mode(a, distributed=True) == ""
