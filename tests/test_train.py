@@ -178,7 +178,7 @@ def test_unreadable_image_is_reported_by_path(tmp_path):
         logger.removeHandler(handler)
     assert any(str(bad) in r.getMessage() for r in records) and img.size == (8, 8)
     strict = create_dataset(str(tmp_path), "train", bad_image="error")
-    with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+    with pytest.raises(DatasetError, match=re.escape(str(bad))):  # UnreadableImageError: one line from the CLI
         strict[idx]
 
 

@@ -307,7 +307,7 @@ def test_decompression_bomb_is_skipped_and_named(tmp_path, ddf_log):
     assert any(str(bomb) in m and "DecompressionBomb" in m for m in ddf_log)
     assert img.size == (8, 8) and label == ds.reader.samples[(idx + 1) % len(ds)][1]  # the next image
     strict = create_dataset(str(tmp_path), "train", bad_image="error")
-    with pytest.raises(RuntimeError, match=str(bomb)):
+    with pytest.raises(DatasetError, match=str(bomb)):
         strict[idx]
 
 

@@ -138,6 +138,36 @@ def check_range(args, name: str, lo=None, hi=None, lo_open: bool = False, hi_ope
 
 
 # ----------------------------------------------------------------------------------------------------- runner
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line. An exception re-raised from a DataLoader worker carries the worker's whole
+    traceback ("Caught X in DataLoader worker process N. Original Traceback ..."): keep its last line, the cause."""
+    text = str(e)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        if isinstance(e, (UsageError, ValueError)):  # ours (e.g. training.data.UnreadableImageError: ...): the text
+            head, sep, rest = last.partition(": ")
+            text = rest if sep and " " not in head else last
+        else:
+            text = f"a DataLoader worker failed: {last}"
+    return " ".join(text.split("\n"))
+
+
+def _worker_failure(e: BaseException) -> bool:
+    return "in DataLoader worker process" in str(e) and "Original Traceback" in str(e)
+
+
+_PEER_LOST = ("Connection closed by peer", "remote worker crash", "ncclRemoteError", "Connection reset by peer")
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank of a distributed run stopped (its own error line says why)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # the process group may be torn down by now: ask the launcher
+        return False
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in _PEER_LOST)
+
+
 def run_cli(main: Callable[[], object], errors: Tuple[type, ...] = ()) -> None:
     """Run a script's ``main()``: a user error prints one line ``error: ...`` and exits with 2; an interrupted run
     that saved its state exits 128 + signal; a second Ctrl-C exits 130 without a traceback."""
@@ -146,7 +176,16 @@ def run_cli(main: Callable[[], object], errors: Tuple[type, ...] = ()) -> None:
     try:
         result = main()
     except (UsageError, DatasetError, CheckpointError, FileNotFoundError, ValueError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - only a loader worker's or a lost peer's failure becomes one line
+        if _worker_failure(e):
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        elif _peer_failure(e):
+            print(f"error: stopped because another rank of the run stopped (its 'error:' line says why): "
+                  f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+        else:
+            raise
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

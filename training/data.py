@@ -40,6 +40,13 @@ class DatasetError(ValueError):
     """A missing/empty/inconsistent dataset; the message names the offending path."""
 
 
+class UnreadableImageError(DatasetError):
+    """An image that cannot be decoded under ``--bad-image error``. Raised inside a DataLoader worker, torch re-raises
+    it in the main process as the same type with the worker's traceback in the message: ``str()`` keeps the one
+    line that says which file and why (:func:`training.cli.one_line`)."""
+
+
+
 # ------------------------------------------------------------------------------------------------ image folders
 def _dir_key(path: str) -> Optional[Tuple[int, int]]:
     try:
@@ -233,7 +240,8 @@ class ReaderDataset(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError) is a bad image
             path = self.filename(index)
             if self.bad_image == "error":
-                raise RuntimeError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+                raise UnreadableImageError(f"unreadable image {path}: {type(e).__name__}: {e} (use --bad-image skip "
+                                           f"to skip such files)") from e
             _logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
             return None
 
@@ -245,7 +253,8 @@ class ReaderDataset(torch.utils.data.Dataset):
                 return got
         if not self.substitute:
             return None
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images starting at {self.filename(index)}")
+        raise UnreadableImageError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images starting at "
+                                   f"{self.filename(index)}")
 
     def __getitem__(self, index: int):
         got = self._load(index)

@@ -14,6 +14,7 @@ import sys
 
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     try:
@@ -23,6 +24,11 @@ def main(argv=None) -> int:
               "last.pth.tar after its current step: their last log lines say where; resume with --resume)",
               file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)
+    except ChildFailedError as exc:  # the failed rank printed its own 'error:' line; no second traceback here
+        rank, failure = exc.get_first_failure()
+        print(f"distributed_train.sh: rank {rank} failed with exit code {failure.exitcode} (its 'error:' line above "
+              f"says why); the other ranks were stopped", file=sys.stderr, flush=True)
+        return failure.exitcode if 0 < failure.exitcode < 256 else 1
     return 0
 
 

@@ -203,6 +203,33 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
+_REAPER = {"registered": False}
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report the kill as a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(5)
+
+
+def _reap_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the daemonic children that are still alive (DataLoader workers of an iterator
+    that an exception kept alive). multiprocessing's own exit handler terminates them with SIGTERM, which the
+    workers ignore (:func:`ignore_stop_signals`), and then joins them: the process hung forever after a worker's
+    error (``--bad-image error`` with ``-j 2``). Registered after multiprocessing's handler, so it runs first."""
+    if not _REAPER["registered"]:
+        import atexit
+        import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours)
+
+        atexit.register(_kill_daemonic_children)
+        _REAPER["registered"] = True
+
+
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Hold SIGINT/SIGTERM back (not lose them) while DataLoader workers are started, i.e. around ``iter(loader)``.
@@ -211,6 +238,7 @@ def stop_signals_blocked():
     signal to the process group can no longer kill a worker that is still starting. Such a kill made one rank stop
     on its own while the others waited for it in a collective (a hang until torchrun's SIGKILL, no checkpoint). The
     main process gets a held signal when the block ends. No-op where ``pthread_sigmask`` is missing (Windows)."""
+    _reap_workers_at_exit()
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
