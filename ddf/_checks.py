@@ -22,7 +22,7 @@ FILTER_NORM_EPS = 1e-10
 
 def out_size(n: int, stride: int) -> int:
     """Output size of a strided dimension of size ``n``: ``ceil(n / stride)``; an empty dimension stays empty."""
-    return 0 if n == 0 else (n - 1) // stride + 1
+    return (n + stride - 1) // stride  # no branch: exact for symbolic sizes (torch.compile dynamic=True) and n = 0
 
 
 def use_channels_last(t: torch.Tensor) -> bool:

@@ -223,13 +223,15 @@ class PointwiseConv2d(nn.Conv2d):
     initialisation). On contiguous NCHW CPU tensors it runs as one batched GEMM, ``baddbmm(bias, W, x[b] as (C, H*W))``
     (the input subsampled first at stride > 1): oneDNN's NCHW path for so few output channels reorders to blocked
     formats and was 2.5-5x slower forward+backward (8x64x56x56: 6.2 -> 1.4 ms; stride 2, 8x128x56x56: 14 -> 3 ms).
-    Other layouts and devices run the convolution."""
+    Other layouts and devices, and torch.compile, run the convolution."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__(in_channels, out_channels, 1, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dim() == 4 and x.is_contiguous():
+        # Under torch.compile the convolution is traced instead: inductor cannot order the strides of the GEMM's
+        # reshaped output when H and W are symbolic (torch.compile(dynamic=True) failed on the DDF-ResNets).
+        if x.is_cpu and x.dim() == 4 and x.is_contiguous() and not torch.compiler.is_compiling():
             return _pointwise_nchw(x, self.weight, self.bias, self.stride[0], self.stride[1])
         return self._conv_forward(x, self.weight, self.bias)
 

@@ -236,3 +236,23 @@ def test_channels_last_end_to_end(name):
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-8, atol=1e-8, msg=n)
         if p.dim() == 4 and p.shape[2] > 1:
             assert p.grad.is_contiguous(memory_format=cl), n
+
+
+@pytest.mark.skipif(os.environ.get("DDF_TEST_INDUCTOR", "0") != "1",
+                    reason="inductor's C++ codegen takes minutes on a 2-core CPU; opt in with DDF_TEST_INDUCTOR=1")
+def test_ddf_resnet_compiles_with_dynamic_shapes_on_inductor():
+    """Issue 30 item 6: torch.compile(model, dynamic=True) on a DDF-ResNet, forward and backward at odd sizes (was
+    InductorError 'cannot determine truth value of Relational' from the 1x1 GEMM's reshaped output)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("ddf_mul_resnet_tiny", num_classes=10)
+    x = torch.randn(2, 3, 33, 31)
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, dynamic=True)(x)
+    out.sum().backward()
+    assert torch.allclose(out, eager, atol=1e-4, rtol=1e-4)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(p.grad, g, atol=1e-4, rtol=1e-3)

@@ -15,7 +15,7 @@ TRAIN_TESTS = ["tests/test_train.py", "tests/test_validate.py", "tests/test_trai
 
 MUTANTS = [
     dict(id=1, file="ddf/_checks.py", what="out_size rounds down instead of up",
-         old="return 0 if n == 0 else (n - 1) // stride + 1", new="return 0 if n == 0 else n // stride",
+         old="return (n + stride - 1) // stride  #", new="return n // stride  #",
          tests=OP_TESTS),
     dict(id=2, file="ddf/_checks.py", what="outputs always contiguous (channels_last layout lost)",
          old="return torch.channels_last if use_channels_last(t) else torch.contiguous_format",
