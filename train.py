@@ -36,7 +36,8 @@ from timm.utils import ModelEmaV3, unwrap_model
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import BACKENDS, require_compiled, use_backend
 from training import cli, data as tdata, runtime
-from training.checkpoint import CheckpointSaver, load_checkpoint, unwrap_state_dict
+from training.checkpoint import (CheckpointSaver, checkpoint_dict, continues_in_place, load_checkpoint,
+                                 unwrap_state_dict)
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset, check_demo_root
 from training.engine import RunPlan, Trainer, TrainParts
@@ -259,17 +260,25 @@ def _holds_run(folder: str) -> bool:
 
 
 def choose_run_folder(args) -> str:
-    """The run folder: ``--output/--experiment`` (default ``<date>-<model>``), or the folder of ``--resume``. A folder
-    that holds another run is never reused: a ``-1``, ``-2``... suffix is added (resuming continues in place)."""
+    """The run folder. ``--resume <run>/last.pth.tar`` of an unfinished run continues in ``<run>``
+    (:func:`training.checkpoint.continues_in_place`); anything else gets ``--output/--experiment`` (default
+    ``<date>-<model>``), and a folder that holds another run is never reused: a ``-1``, ``-2``... suffix is added."""
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        checkpoint_dict(ckpt, args.resume, "--resume")
+        folder = continues_in_place(args.resume, ckpt)
+        if folder is not None and (not args.experiment or os.path.abspath(os.path.join(args.output, args.experiment))
+                                   == folder):
+            return folder
+        _logger.info("--resume %s: not the last.pth.tar of an unfinished run folder; this run starts a new run "
+                     "folder and leaves %s as it is", args.resume, os.path.dirname(os.path.abspath(args.resume)))
+        args.resumed_from = os.path.abspath(args.resume)  # recorded in args.yaml and the checkpoints
     if args.experiment:
         out = os.path.join(args.output, args.experiment)
-    elif args.resume:
-        out = os.path.dirname(os.path.abspath(args.resume))
     else:
         out = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
     out = os.path.abspath(out)
-    continuing = bool(args.resume) and os.path.dirname(os.path.abspath(args.resume)) == out
-    if continuing or not _holds_run(out):
+    if not _holds_run(out):
         return out
     n = 1
     while _holds_run(f"{out}-{n}") or (os.path.exists(f"{out}-{n}") and os.listdir(f"{out}-{n}")):
@@ -375,14 +384,15 @@ def build_model(args, num_classes: int, rt: runtime.Runtime):
 
 def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> None:
     """Fine-tuning start: weights only; tensors whose shape differs (e.g. another classifier size) stay initialised."""
-    sd = unwrap_state_dict(load_checkpoint(path, trust=trust))
+    sd = unwrap_state_dict(checkpoint_dict(load_checkpoint(path, trust=trust), path, "--initial-checkpoint"))
     own = model.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     for k in mismatched:
         del sd[k]
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    _logger.info("initial checkpoint %s: %d tensors loaded; reinitialised %s; missing %s; unexpected %s", path,
-                 len(sd), mismatched or "none", list(missing) or "none", list(unexpected) or "none")
+    loaded = sum(1 for k in sd if k in own)  # unexpected keys are not loaded
+    _logger.info("initial checkpoint %s: %d of %d tensors loaded; reinitialised %s; missing %s; unexpected %s", path,
+                 loaded, len(own), mismatched or "none", list(missing) or "none", list(unexpected) or "none")
 
 
 # ------------------------------------------------------------------------------------------ optimiser, schedule
@@ -473,7 +483,7 @@ def check_resume(path: str, ckpt: Dict, sig: Dict, mid_epoch: bool, class_names:
 
 def resume(args, parts: TrainParts, sig: Dict, class_names: List[str]):
     """Load --resume into the bare model / EMA / optimizer / scaler / scheduler; return (epoch, step, ckpt)."""
-    ckpt = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
     if ckpt.get("arch") and ckpt["arch"] != args.model:
         raise cli.UsageError(f"--resume {args.resume} was trained as {ckpt['arch']!r} but --model is {args.model!r}")
     step = int(ckpt.get("step", 0))

@@ -180,6 +180,9 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
     t0 = time.time()
     m = evaluate(model, loader, device, autocast_ctx(device, amp_dtype), args.channels_last,
                  log_interval=args.log_interval, header=model_name)
+    if m["count"] == 0:
+        raise DatasetError(f"{dataset.source}: 0 images evaluated ({m['skipped']} unreadable skipped); no result for "
+                           f"{ckpt_path or model_name}")
     return {"model": model_name, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else "",
             "weights": "ema" if use_ema else ("checkpoint" if ckpt is not None else
                                               ("pretrained" if args.pretrained else "random")),
@@ -188,6 +191,18 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
             "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
             "interpolation": data_config["interpolation"], "precision": amp_note,
             "img_per_s": round(m["count"] / max(time.time() - t0, 1e-9), 1), "data": dataset.source}
+
+
+def print_best(results: List[Dict]) -> None:
+    """The "best of N" line, only when every result was measured on the same images (same data, same count);
+    otherwise say why no ranking is given."""
+    sets = sorted({(r["data"], r["images"]) for r in results})
+    if len(sets) > 1:
+        print(f"not ranked: the {len(results)} results were measured on different data ("
+              + "; ".join(f"{d}: {n} images" for d, n in sets) + ")", flush=True)
+        return
+    best = max(results, key=lambda r: r["top1"])
+    print(f"best of {len(results)}: {best['model']} {best['checkpoint']} top-1: {best['top1']:.3f}", flush=True)
 
 
 def write_results(path: str, results: List[Dict]) -> None:
@@ -258,8 +273,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         write_results(args.results_file, results)
         print(f"results written to {os.path.abspath(args.results_file)}", flush=True)
     if len(results) > 1:
-        best = max(results, key=lambda r: r["top1"])
-        print(f"best of {len(results)}: {best['model']} {best['checkpoint']} top-1: {best['top1']:.3f}", flush=True)
+        print_best(results)
     if failed:
         raise ValidationFailed(f"{len(failed)} of {len(failed) + len(results)} could not be evaluated: "
                                + "; ".join(f"{name} ({type(e).__name__})" for name, e in failed))

@@ -32,6 +32,7 @@ BEST_NAME = "model_best.pth.tar"
 _EPOCH_FILE = re.compile(r"^checkpoint-(\d+)\.pth\.tar$")
 
 __all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_checkpoint", "CheckpointSaver",
+           "checkpoint_dict", "continues_in_place", "is_run_folder", "run_finished",
            "unwrap_state_dict"]
 
 
@@ -151,6 +152,47 @@ def model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return unwrap_model(model).state_dict()
 
 
+def checkpoint_dict(obj: Any, path: str, option: str) -> Dict:
+    """``obj`` if it is a dict; otherwise a :class:`CheckpointError` naming ``option`` and the file."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{option} {os.path.abspath(path)} holds a {type(obj).__name__}, not a checkpoint "
+                              f"(a dict with 'state_dict', or a state dict)")
+    return obj
+
+
+def is_run_folder(folder: str) -> bool:
+    """A folder train.py started a run in: it holds the ``args.yaml`` written before the first step."""
+    return os.path.isfile(os.path.join(folder, "args.yaml"))
+
+
+def run_finished(ckpt: Dict) -> bool:
+    """True when an epoch-end checkpoint is the last epoch of its run (``args.epochs`` + ``cooldown_epochs``)."""
+    a = ckpt.get("args") or {}
+    a = a if isinstance(a, dict) else vars(a)
+    if not a.get("epochs") or int(ckpt.get("step", 0) or 0):
+        return False
+    return int(ckpt.get("epoch", -1)) + 1 >= int(a["epochs"]) + int(a.get("cooldown_epochs") or 0)
+
+
+def continues_in_place(resume_path: str, ckpt: Optional[Dict] = None) -> Optional[str]:
+    """The run folder a resume from ``resume_path`` continues in, or None when it must start a new run folder.
+
+    Only a run folder's own ``last.pth.tar`` continues in place, and only while that run is unfinished; any other
+    file (``checkpoint-<N>.pth.tar``, ``model_best.pth.tar``, a state dict in a folder of one's own) starts a new
+    run folder, so nothing a resume did not create is rewritten. The file must be a train.py checkpoint (with
+    ``args`` and ``epoch``) in a folder holding ``args.yaml``. ``ckpt``: the loaded file, to tell a finished run
+    (loaded from ``resume_path`` when omitted)."""
+    path = os.path.abspath(resume_path)
+    folder = os.path.dirname(path)
+    if os.path.basename(path) != LAST_NAME or not is_run_folder(folder):
+        return None
+    if ckpt is None:
+        ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "args" not in ckpt or "epoch" not in ckpt or run_finished(ckpt):
+        return None
+    return folder
+
+
 class CheckpointSaver:
     """Keeps ``last.pth.tar``, ``model_best.pth.tar`` and the ``top_k`` best epochs (``checkpoint-<epoch>.pth.tar``)
     in one run folder, every file written atomically, the ranking in ``checkpoints.json`` (also atomic).
@@ -178,11 +220,16 @@ class CheckpointSaver:
                 state = json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint index {self.index_path} is unreadable: {e}") from None
-        for metric, epoch, name in state.get("ranked", []):
-            base = os.path.basename(str(name))  # old indexes stored absolute paths: keep only the file name
-            if _EPOCH_FILE.match(base):
-                self.ranked.append((float(metric), int(epoch), base))
-        self.best = tuple(state["best"]) if state.get("best") else None
+        try:
+            for metric, epoch, name in state.get("ranked", []):
+                base = os.path.basename(str(name))  # old indexes stored absolute paths: keep only the file name
+                if _EPOCH_FILE.match(base):
+                    self.ranked.append((float(metric), int(epoch), base))
+            best = state.get("best")
+            self.best = (float(best[0]), int(best[1])) if best else None
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+            raise CheckpointError(f"checkpoint index {self.index_path} is malformed: expected "
+                                  f'{{"ranked": [[metric, epoch, file], ...], "best": [metric, epoch]}}') from None
 
     @property
     def last_path(self) -> str:

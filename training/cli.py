@@ -95,6 +95,9 @@ def load_config(path: str, parser: argparse.ArgumentParser, special: Sequence[st
             cfg = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not a UTF-8 text file (byte {e.start}); save the YAML file as UTF-8") \
+            from None
     if not isinstance(cfg, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(cfg).__name__}")
     actions: Dict[str, argparse.Action] = {}

@@ -33,7 +33,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast: Callable 
              stop: Optional[GracefulStop] = None) -> Optional[Dict[str, float]]:
     """Top-1 / top-5 (percent) and mean cross-entropy over the readable images of the loader; ``skipped`` counts the
     unreadable ones. Distributed: the per-rank sums are all-reduced (exact over the whole split with an unpadded
-    sampler). Returns None when ``stop`` was requested before the end."""
+    sampler). Returns None when ``stop`` was requested before the end; over zero readable images the metrics are None
+    (``count`` 0), which callers treat as an error, not a result."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss_sum, top1, top5, count, skipped
     t0 = time.time()
@@ -60,9 +61,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast: Callable 
         t = sums.to(rt.device)
         dist.all_reduce(t)
         sums = t.cpu()
-    count = max(sums[3].item(), 1.0)
+    count = int(sums[3].item())
+    if count == 0:  # nothing was scored: no metric at all, never a 0.0 that could become a best
+        return {"loss": None, "top1": None, "top5": None, "count": 0, "skipped": int(sums[4].item())}
     return {"loss": sums[0].item() / count, "top1": 100.0 * sums[1].item() / count,
-            "top5": 100.0 * sums[2].item() / count, "count": int(sums[3].item()), "skipped": int(sums[4].item())}
+            "top5": 100.0 * sums[2].item() / count, "count": count, "skipped": int(sums[4].item())}
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -271,6 +274,22 @@ class Trainer:
                 raise
             return None
 
+    def failed_evaluation(self, epoch: int, ev: Dict, ep_t0: float) -> bool:
+        """An evaluation over zero images: logged as an error for this epoch, no metric, no best, no top-k entry;
+        ``last.pth.tar`` is saved at the epoch's end so a resume continues with the next epoch."""
+        _logger.error("Epoch %d: evaluation saw 0 images (%d unreadable skipped): no metric for this epoch, it cannot "
+                      "become the best; fix the val split (--val-split) and resume", epoch, ev["skipped"])
+        if not self.p.sched_on_updates:
+            self.p.scheduler.step(epoch + 1)
+        row = {"epoch": epoch, "train_loss": self.progress.loss_sum / max(self.progress.count, 1),
+               "eval_error": "0 images evaluated", "eval_skipped": ev["skipped"],
+               "lr": self.p.optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - ep_t0, 2)}
+        self.save_last(epoch, 0, ", evaluation failed")  # an epoch-end state: resume starts the next epoch
+        if self.runlog is not None:
+            self.runlog.epoch(row)
+        self.history.append(row)
+        return not (epoch + 1 < self.plan.epochs and self.stop.requested())
+
     def end_epoch(self, epoch: int, ep_t0: float) -> bool:
         """Evaluate, step the schedule, save, log; False when the run stops here."""
         p, pr, plan = self.p, self.progress, self.plan
@@ -279,6 +298,8 @@ class Trainer:
         if ev is None or (p.ema is not None and ev_ema is None):  # signal during evaluation: resume re-evaluates
             self.save_last(epoch, plan.steps_per_epoch, ", stopped by a signal during evaluation")
             return False
+        if ev["count"] == 0 or (ev_ema is not None and ev_ema["count"] == 0):
+            return self.failed_evaluation(epoch, ev, ep_t0)
         row = {"epoch": epoch, "train_loss": pr.loss_sum / max(pr.count, 1), "eval_loss": ev["loss"],
                "eval_top1": ev["top1"], "eval_top5": ev["top5"], "lr": p.optimizer.param_groups[0]["lr"],
                "epoch_time_s": round(time.time() - ep_t0, 2)}

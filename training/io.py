@@ -6,9 +6,10 @@ import tempfile
 from typing import Callable, Union
 
 Content = Union[str, bytes, Callable[[str], None]]
+TMP_SUFFIX = ".tmp"  # temporary files are ``.<name>.<random>.tmp`` in the target's folder
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. Windows: directories cannot be opened
@@ -21,16 +22,39 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode_for(path: str) -> int:
+    """The mode a file written at ``path`` gets: the existing file's (a results file keeps its 0644), else what
+    ``open()`` would give under the process umask (0666 & ~umask), not mkstemp's 0600."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: str, content: Content) -> str:
     """Write ``content`` to ``path`` so that readers see either the old file or the complete new one.
 
     ``content`` is text, bytes, or a function that writes the file at the temporary path it is given. The temporary
     file lives in the same folder (so ``os.replace`` is atomic), is fsynced before the replace, and is removed when
-    anything fails; the folder entry is fsynced after. Returns ``path``."""
+    anything fails; the folder entry is fsynced after. The file's mode is the replaced file's, or follows the umask
+    (:func:`file_mode_for`). Returns ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    mode = file_mode_for(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
     try:
+        os.chmod(tmp, mode)
         if callable(content):
             os.close(fd)
             fd = -1
@@ -39,8 +63,7 @@ def atomic_write(path: str, content: Content) -> str:
             with os.fdopen(fd, "wb") as f:
                 fd = -1
                 f.write(content.encode() if isinstance(content, str) else content)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if fd >= 0:
@@ -50,7 +73,7 @@ def atomic_write(path: str, content: Content) -> str:
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

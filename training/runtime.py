@@ -313,7 +313,7 @@ class RunLog:
                 rows = [r for r in csv.DictReader(f) if r.get("epoch") != str(row["epoch"])]
         rows.append(dict(row))
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(row.keys()), extrasaction="ignore")
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # every row's columns
         w.writeheader()
         w.writerows(rows)
         atomic_write(self.csv_path, buf.getvalue())
