@@ -188,12 +188,72 @@ def _sample_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _decode(obj) -> Image.Image:
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel, more than 8 bits per pixel
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+class ImageConversionError(ValueError):
+    """An image whose pixel values cannot be mapped to 8 bits without guessing (a bad image under --bad-image)."""
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit 'L', scaled by value (not clipped):
+    16-bit modes (and mode 'I', which is how PIL holds 16-bit PNG/TIFF files, when its values fit 0..65535) map
+    0..65535 to 0..255 (v / 257, rounded); float images must hold values in [0, 1], mapped to 0..255."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        if not np.all(np.isfinite(a)):
+            raise ImageConversionError("float image with non-finite pixels (nan/inf)")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise ImageConversionError(f"float image with pixel values in [{lo:g}, {hi:g}]: only [0, 1] can be "
+                                       f"mapped to 8 bits without guessing its range")
+        out = np.floor(a.astype(np.float64) * 255.0 + 0.5)
+    else:
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageConversionError(f"32-bit integer image with pixel values in [{lo}, {hi}]: only 0..65535 "
+                                       f"(16-bit) can be mapped to 8 bits without guessing its range")
+        out = np.floor(a.astype(np.float64) / 257.0 + 0.5)
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
+def _on_black(img: Image.Image) -> Image.Image:
+    """An image with an alpha channel composited on black (a transparent pixel's stored colour is undefined)."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+
+
+def to_model_mode(img: Image.Image, channels: int = 3) -> Image.Image:
+    """``img`` as the 8-bit 'RGB' (``channels=3``) or 'L' (``channels=1``) image the model reads.
+
+    EXIF orientation is applied first. 16-bit / 32-bit / float single-channel images are scaled by value
+    (:func:`_wide_to_l`); a palette image with transparency and images with an alpha channel (LA, PA, RGBA) are
+    composited on black; CMYK uses PIL's conversion (r = (255 - c)(255 - k) / 255). An image that cannot be
+    converted raises (a bad image under ``--bad-image``)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_MODES:
+        img = _wide_to_l(img)
+    elif img.mode == "P" and "transparency" in img.info:
+        img = _on_black(img)
+    elif img.mode in _ALPHA_MODES:
+        img = _on_black(img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # raises for modes PIL cannot convert (e.g. LAB)
+    return img.convert("L") if channels == 1 else img
+
+
+def _decode(obj, channels: int = 3) -> Image.Image:
     if isinstance(obj, Image.Image):
-        return obj.convert("RGB")
-    img = Image.open(obj)
+        return to_model_mode(obj, channels)
     try:
-        return img.convert("RGB")  # decodes the pixels: a truncated file fails here
+        with Image.open(obj) as img:
+            img.load()  # decodes the pixels: a truncated file fails here
+            return to_model_mode(img, channels)
     finally:
         if hasattr(obj, "close"):
             obj.close()
@@ -204,14 +264,15 @@ class ReaderDataset(torch.utils.data.Dataset):
 
     ``bad_image='skip'``: a warning names the file; for training (``substitute=True``) the next readable image is
     used, for evaluation (``substitute=False``) the sample is dropped (``None``, removed by :func:`collate_skip`,
-    counted as skipped). Decompression bombs (PIL's pixel limit) count as unreadable. ``bad_image='error'``: a
+    counted as skipped). Decompression bombs (PIL's pixel limit) and images :func:`to_model_mode` cannot convert
+    count as unreadable. ``bad_image='error'``: a
     RuntimeError naming the file.
 
     With ``seed`` set, the augmentation of sample ``i`` in epoch ``e`` uses its own RNG state from ``(seed, e, i)``,
     independent of workers, rank and resumption: this is what makes ``--resume`` reproduce an uninterrupted run."""
 
     def __init__(self, reader, classes: Sequence[str], transform=None, bad_image: str = "skip",
-                 seed: Optional[int] = None, substitute: bool = True, source: str = ""):
+                 seed: Optional[int] = None, substitute: bool = True, source: str = "", channels: int = 3):
         if bad_image not in BAD_IMAGE_CHOICES:
             raise ValueError(f"bad_image must be one of {BAD_IMAGE_CHOICES}, got {bad_image!r}")
         self.reader = reader
@@ -221,6 +282,7 @@ class ReaderDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.substitute = substitute
         self.source = source
+        self.channels = channels  # images are decoded to 'RGB' (3) or 'L' (1): see to_model_mode
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -236,7 +298,7 @@ class ReaderDataset(torch.utils.data.Dataset):
     def _try(self, index: int):
         try:
             obj, label = self.reader[index][:2]
-            return _decode(obj), label
+            return _decode(obj, self.channels), label
         except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError) is a bad image
             path = self.filename(index)
             if self.bad_image == "error":
