@@ -24,6 +24,10 @@ class Context:
     def left(self) -> float:
         return self.deadline - time.time()
 
+    def save_partial(self, res: Dict, name: str) -> None:
+        """Write what a phase has so far, so that a phase killed at its time box still leaves its tables."""
+        write_json(os.path.join(self.out, "phases", f"{name}.json"), res)
+
     def path(self, *parts: str) -> str:
         p = os.path.join(self.out, *parts)
         os.makedirs(os.path.dirname(p), exist_ok=True)

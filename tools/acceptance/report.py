@@ -14,9 +14,10 @@ def status_line(p: Dict) -> str:
 
 
 def _md_table(t: Dict) -> str:
-    lines = [f"**{t['title']}**", "", "| " + " | ".join(t["header"]) + " |",
-             "|" + "|".join("---" for _ in t["header"]) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
+    lines = [f"**{t['title']}**", ""]
+    if t["header"]:
+        lines += ["| " + " | ".join(t["header"]) + " |", "|" + "|".join("---" for _ in t["header"]) + "|"]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t["rows"]]
     if t.get("note"):
         lines += ["", t["note"]]
     return "\n".join(lines)
