@@ -4,7 +4,7 @@ On a GPU the forward and grad_input kernels are autotuned per shape over a small
 per head, output size, k, dtype); under Triton's interpreter (CPU tensors) one large-block config runs, because the
 interpreter's cost grows with the number of program instances. Pass 1 of the backward uses fixed block sizes
 (its grad_channel partial buffer is sized by the pixel block). Kernels are launched through ``wrap_triton`` so that
-``torch.compile`` sees them inside the op.
+``torch.compile`` sees them inside the op; under the interpreter they are called directly (see :func:`_launcher`).
 """
 from __future__ import annotations
 
@@ -81,17 +81,24 @@ def _meta(input, kernel_size, combine):
                 ACC_F64=input.dtype == torch.float64)
 
 
+def _launcher(kernel):
+    """``wrap_triton(kernel)`` on a GPU; the kernel itself under Triton's interpreter, where the launchers already run
+    inside opaque ops (see ``__init__``) and the interpreter's kernel objects differ across triton versions (triton
+    3.6's ``InterpretedFunction`` is no ``JITFunction``, which torch 2.11's ``wrap_triton`` rejects)."""
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
 def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
     """Launch a forward-style kernel: autotuned on a GPU, one interpreter-sized config on CPU."""
     if INTERPRET:
         cfg = interpreter_config(channels, grid_pixels, kk_pad)
         grid = (triton.cdiv(grid_pixels, cfg["BLOCK_P"]), bh, triton.cdiv(channels, cfg["BLOCK_C"] * cfg["CB"]))
-        wrap_triton(plain)[grid](*args, **meta, **cfg)
+        _launcher(plain)[grid](*args, **meta, **cfg)
     else:
         def grid(m):
             return (triton.cdiv(grid_pixels, m["BLOCK_P"]), bh, triton.cdiv(channels, m["BLOCK_C"] * m["CB"]))
 
-        wrap_triton(tuned)[grid](*args, **meta)
+        _launcher(tuned)[grid](*args, **meta)
 
 
 def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm,
@@ -121,7 +128,7 @@ def _filters_pass(grad_output, input, channel_filter, spatial_filter, gsp, kerne
     cfg = filters_config(meta["KK_PAD"], meta["ACC_F64"], C // head, Ho * Wo)
     n_pb = triton.cdiv(Ho * Wo, cfg["BLOCK_P"])
     part = torch.empty((n_pb, B, C, kernel_size * kernel_size), dtype=_acc_dtype(input.dtype), device=input.device)
-    wrap_triton(ddf_bwd_filters_kernel)[(n_pb, B * head)](
+    _launcher(ddf_bwd_filters_kernel)[(n_pb, B * head)](
         grad_output, input, channel_filter, spatial_filter, gsp, part, C, H, W, Ho, Wo, C // head, head, dilation,
         stride, float(spatial_gain), *grad_output.stride(), *input.stride(), *channel_filter.stride(),
         *spatial_filter.stride(), *gsp.stride(), B, **meta, **cfg)
