@@ -112,7 +112,8 @@ def ddf_fwd_kernel(x_ptr, ch_ptr, sp_ptr, out_ptr,
     x_pix = iy * sxh + ix * sxw
     c_first = h * Cg + pid_c * (BLOCK_C * CB)
     c_stop = tl.minimum(h * Cg + Cg, c_first + BLOCK_C * CB)
-    for c0 in range(c_first, c_stop, BLOCK_C):
+    c0 = c_first
+    while c0 < c_stop:  # not range(): triton 3.6's interpreter cannot index() its 1-element scalars (numpy >= 2.4)
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_stop
         chv = _load_channel(ch_ptr, b * scb, c, cmask, j, scc, sck, scl, K, ACC)
@@ -125,6 +126,7 @@ def ddf_fwd_kernel(x_ptr, ch_ptr, sp_ptr, out_ptr,
         acc = tl.sum(tl.where(m3, xv * f, 0.0), axis=1)
         o_offs = b * sob + c[:, None] * soc + oy[None, :] * soh + ox[None, :] * sow
         tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
+        c0 += BLOCK_C
 
 
 @triton.jit
@@ -156,7 +158,8 @@ def ddf_bwd_filters_kernel(go_ptr, x_ptr, ch_ptr, sp_ptr, gsp_ptr, gch_part_ptr,
     sp = tl.where(valid, sp, 0.0)
     x_pix = iy * sxh + ix * sxw
     gsp = tl.zeros((KK_PAD, BLOCK_P), dtype=ACC)
-    for c0 in range(h * Cg, h * Cg + Cg, BLOCK_C):
+    c0 = h * Cg
+    while c0 < h * Cg + Cg:  # not range(), see ddf_fwd_kernel
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < h * Cg + Cg
         m3 = cmask[:, None, None] & valid[None, :, :]
@@ -174,6 +177,7 @@ def ddf_bwd_filters_kernel(go_ptr, x_ptr, ch_ptr, sp_ptr, gsp_ptr, gch_part_ptr,
         part_offs = ((pid_p * B + b) * C + c[:, None]) * (K * K) + j[None, :]
         tl.store(gch_part_ptr + part_offs, part.to(gch_part_ptr.dtype.element_ty),
                  mask=cmask[:, None] & jm[None, :])
+        c0 += BLOCK_C
     gsp = tl.where(valid, gsp, 0.0)
     if NORM:
         gsp = _filter_norm_backward(raw, gsp, j, gain, K, 1e-10)
@@ -215,7 +219,8 @@ def ddf_bwd_input_kernel(go_ptr, ch_ptr, sp_ptr, gin_ptr,
     g_pix = oy * sgh + ox * sgw
     c_first = h * Cg + pid_c * (BLOCK_C * CB)
     c_stop = tl.minimum(h * Cg + Cg, c_first + BLOCK_C * CB)
-    for c0 in range(c_first, c_stop, BLOCK_C):
+    c0 = c_first
+    while c0 < c_stop:  # not range(): triton 3.6's interpreter cannot index() its 1-element scalars (numpy >= 2.4)
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_stop
         m3 = cmask[:, None, None] & valid[None, :, :]
@@ -228,3 +233,4 @@ def ddf_bwd_input_kernel(go_ptr, ch_ptr, sp_ptr, gin_ptr,
         acc = tl.sum(tl.where(m3, gov * f, 0.0), axis=1)
         n_offs = b * snb + c[:, None] * snc + iy[None, :] * snh + ix[None, :] * snw
         tl.store(gin_ptr + n_offs, acc.to(gin_ptr.dtype.element_ty), mask=cmask[:, None] & qmask[None, :])
+        c0 += BLOCK_C
