@@ -19,7 +19,7 @@ import math
 import os
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from timm.utils import ModelEmaV3, unwrap_model
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import BACKENDS, require_compiled, use_backend
-from training import cli, data as tdata, runtime
+from training import cli, data as tdata, run_folder, runtime
 from training.checkpoint import (CheckpointSaver, checkpoint_dict, continues_in_place, load_checkpoint,
                                  unwrap_state_dict)
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
@@ -259,17 +259,21 @@ def _holds_run(folder: str) -> bool:
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
 
 
-def choose_run_folder(args) -> str:
-    """The run folder. ``--resume <run>/last.pth.tar`` of an unfinished run continues in ``<run>``
-    (:func:`training.checkpoint.continues_in_place`); anything else gets ``--output/--experiment`` (default
-    ``<date>-<model>``), and a folder that holds another run is never reused: a ``-1``, ``-2``... suffix is added."""
+def choose_run_folder(args) -> run_folder.RunLock:
+    """Claim the run folder (its ``run.lock``, see :mod:`training.run_folder`) before any set-up. ``--resume
+    <run>/last.pth.tar`` of an unfinished run continues in ``<run>`` (:func:`training.checkpoint.continues_in_place`);
+    anything else gets ``--output/--experiment`` (default ``<date>-<model>``), and a folder that holds another run
+    or is claimed by a live one is never reused: a ``-1``, ``-2``... suffix is added."""
     if args.resume:
         ckpt = load_checkpoint(args.resume, trust=args.trust_checkpoint)
         checkpoint_dict(ckpt, args.resume, "--resume")
         folder = continues_in_place(args.resume, ckpt)
         if folder is not None and (not args.experiment or os.path.abspath(os.path.join(args.output, args.experiment))
                                    == folder):
-            return folder
+            try:
+                return run_folder.claim_existing(folder)
+            except run_folder.RunFolderBusy as e:
+                raise cli.UsageError(f"--resume: {e}") from None
         _logger.info("--resume %s: not the last.pth.tar of an unfinished run folder; this run starts a new run "
                      "folder and leaves %s as it is", args.resume, os.path.dirname(os.path.abspath(args.resume)))
         args.resumed_from = os.path.abspath(args.resume)  # recorded in args.yaml and the checkpoints
@@ -278,29 +282,31 @@ def choose_run_folder(args) -> str:
     else:
         out = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
     out = os.path.abspath(out)
-    if not _holds_run(out):
-        return out
-    n = 1
-    while _holds_run(f"{out}-{n}") or (os.path.exists(f"{out}-{n}") and os.listdir(f"{out}-{n}")):
-        n += 1
-    _logger.warning("%s holds an earlier run; this run writes to %s-%d instead (use --resume to continue it)", out, out, n)
-    return f"{out}-{n}"
+    check_output_dir(out, "--output/--experiment")  # a file in the way, an unwritable parent: one clear error
+    return run_folder.claim_new(out, _holds_run)
 
 
-def prepare_output(args, rt: runtime.Runtime) -> str:
-    """Check every output path before the work starts (run folder, demo folder); rank 0 decides the run folder."""
+def prepare_output(args, rt: runtime.Runtime) -> Tuple[str, Optional[run_folder.RunLock]]:
+    """Check every output path before the work starts (run folder, demo folder); rank 0 claims the run folder and
+    holds its lock (returned; None on the other ranks), the others are told the folder."""
     if args.resume and not os.path.isfile(args.resume):
         raise cli.UsageError(f"--resume: checkpoint not found: {os.path.abspath(args.resume)}")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise cli.UsageError(f"--initial-checkpoint: file not found: {os.path.abspath(args.initial_checkpoint)}")
     if args.data is None:
         check_demo_root(args.demo_root)
-    out = [choose_run_folder(args) if rt.primary else None]
-    if rt.distributed:
-        dist.broadcast_object_list(out, src=0)
-    if rt.primary:
-        check_output_dir(out[0], "--output/--experiment")
-    return out[0]
+    lock = choose_run_folder(args) if rt.primary else None
+    out = [lock.folder if lock else None]
+    try:
+        if rt.distributed:
+            dist.broadcast_object_list(out, src=0)
+        if rt.primary:
+            check_output_dir(out[0], "--output/--experiment")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return out[0], lock
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -526,7 +532,15 @@ def run(args, rt: runtime.Runtime, stop: runtime.GracefulStop) -> Dict:
         op = require_compiled(rt.device)
     except RuntimeError as exc:
         raise cli.UsageError(str(exc)) from None
-    out_dir = prepare_output(args, rt)
+    out_dir, lock = prepare_output(args, rt)
+    try:  # rank 0 holds the run folder's lock for the run's whole life
+        return train_in(args, rt, stop, out_dir, op)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str, op: str) -> Dict:
     args.demo = False
     data = build_data(args, rt)
     model, ema, data_config = build_model(args, data.num_classes, rt)

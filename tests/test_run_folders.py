@@ -9,6 +9,10 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ import torch.nn as nn
 
 import train
 import validate
-from training import cli
+from training import cli, run_folder
 from training.checkpoint import CheckpointError, CheckpointSaver, load_checkpoint, save_checkpoint
 from training.data import DatasetError
 from training.demo_data import build_demo_dataset
@@ -183,3 +187,124 @@ def test_non_utf8_config_names_the_option_and_the_file(tmp_path):
     cfg.write_bytes("model: caf\xe9\n".encode("latin-1"))
     with pytest.raises(cli.UsageError, match=f"--config {cfg}: not a UTF-8 text file"):
         train.parse_args(["--config", str(cfg)])
+
+
+# ------------------------------------------------------------------------------------ one folder per run (item 2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from training import run_folder; "
+         "lock = run_folder.try_lock({folder!r}); print('held' if lock else 'busy', flush=True); time.sleep(60)")
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_claims_racing_in_threads_never_share_a_folder(tmp_path):
+    base = str(tmp_path / "race")
+    n = 8
+    gate = threading.Barrier(n)
+    got, errors = [], []
+
+    def claim():
+        try:
+            gate.wait()
+            got.append(run_folder.claim_new(base, train._holds_run))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=claim) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    folders = sorted(lock.folder for lock in got)
+    assert len(set(folders)) == n and base in folders and f"{base}-{n - 1}" in folders
+    for lock in got:
+        lock.release()
+    # released, no run files: the folder is free again; a folder that holds a run is not
+    atomic_write(os.path.join(base, "args.yaml"), "{}\n")
+    again = run_folder.claim_new(base, train._holds_run)
+    assert again.folder == f"{base}-1"
+    again.release()
+
+
+def test_two_training_processes_started_together_get_two_folders(demo_root, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                               *common(demo_root, out, "--experiment", "race1", "--epochs", "1", "--seed", str(seed))],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for seed in (7, 42)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    seeds = sorted(load_checkpoint(os.path.join(out, name, "last.pth.tar"))["args"]["seed"]
+                   for name in ("race1", "race1-1"))
+    assert seeds == [7, 42]  # one folder each: neither run's checkpoint overwrote the other's
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_log_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = {"pid": _dead_pid(), "host": socket.gethostname(), "started": "2026-12-07T10:00:00"}
+    (run / run_folder.LOCK_NAME).write_text(json.dumps(stale))
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("ddf.run_folder").addHandler(handler)  # the 'ddf' loggers stop propagating once train.py ran
+    try:
+        lock = run_folder.claim_existing(str(run))
+    finally:
+        logging.getLogger("ddf.run_folder").removeHandler(handler)
+    assert any(f"stale lock of pid {stale['pid']}" in m and "taking it over" in m for m in records), records
+    assert json.loads((run / run_folder.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    # a new run with the same name takes over a stale lock of a folder that holds no run
+    (run / run_folder.LOCK_NAME).write_text(json.dumps(stale))
+    lock = run_folder.claim_new(str(run), train._holds_run)
+    assert lock.folder == str(run)
+    lock.release()
+
+
+def test_lock_of_a_live_process_is_never_taken_over(tmp_path):
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=ROOT, folder=run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(run_folder.RunFolderBusy, match="in use by another running train.py"):
+            run_folder.claim_existing(run)
+        lock = run_folder.claim_new(run, train._holds_run)
+        assert lock.folder == run + "-1"
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was SIGKILLed: its lock is stale now and is taken over
+    lock = run_folder.claim_existing(run)
+    lock.release()
+    # a live process of this host recorded in the file (no flock, e.g. another file system) also counts as live
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(run, run_folder.LOCK_NAME), "w") as f:
+            json.dump({"pid": sleeper.pid, "host": socket.gethostname(), "started": "now"}, f)
+        assert run_folder.try_lock(run) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_resume_in_place_refuses_a_run_folder_in_use(demo_root, tmp_path):
+    out = tmp_path / "out"
+    train.main(common(demo_root, out, "--experiment", "u", "--stop-after-steps", "3"))
+    run = str(out / "u")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=ROOT, folder=run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(cli.UsageError, match="--resume: run folder .* is in use"):
+            train.main(common(demo_root, out, "--resume", os.path.join(run, "last.pth.tar")))
+    finally:
+        holder.kill()
+        holder.wait()
