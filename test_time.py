@@ -62,7 +62,7 @@ import ddf.modules as ddf_modules  # noqa: E402
 from ddf import DDFPack, backend_info, ddf  # noqa: E402
 from ddf.backends import op_label  # noqa: E402
 from benchmarks.pac import PacConv2dBaseline  # noqa: E402
-from training.io import atomic_write, check_output_dir, check_output_file  # noqa: E402
+from training.io import atomic_write, check_output_dir, claim_output_file, discard_if_empty  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (float32 forward, single GTX/RTX 2080 Ti).
@@ -666,14 +666,41 @@ def write_plot(path: str, meta: Dict[str, object], records: List[dict], args: ar
     return True
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Every output path is checked before the measurements start (ValueError naming the option)."""
-    for option, suffixes in (("csv", (".csv",)), ("json", (".json",)), ("markdown", None), ("plot", (".png",))):
-        path = getattr(args, option)
-        if path:
-            check_output_file(path, "--" + option, suffixes=suffixes)
-    if args.save_results:
-        check_output_dir(args.save_results, "--save-results")
+OUTPUT_FILES = (("csv", (".csv",)), ("json", (".json",)), ("markdown", None), ("plot", (".png",)))
+
+
+def check_outputs(args: argparse.Namespace) -> List[Tuple[str, bool]]:
+    """Before the measurements: every output file is created now, empty (so a path that cannot be written fails
+    first), and ``--save-results`` is checked to be a folder files can be created in. An existing file is kept:
+    test_time.py never replaces one (ValueError naming the option). Returns the claimed (path, created) pairs for
+    :func:`training.io.discard_if_empty`."""
+    claimed: List[Tuple[str, bool]] = []
+    try:
+        for option, suffixes in OUTPUT_FILES:
+            path = getattr(args, option)
+            if not path:
+                continue
+            full, created = claim_output_file(path, "--" + option, suffixes=suffixes)
+            if not created and os.path.getsize(full) > 0:
+                raise ValueError(f"--{option} {path} exists; test_time.py does not replace results files (it is "
+                                 f"kept as it is): give a new file name")
+            claimed.append((full, created))
+            setattr(args, option, full)
+        if args.save_results:
+            check_output_dir(args.save_results, "--save-results")
+    except ValueError:
+        for full, created in claimed:
+            discard_if_empty(full, created)
+        raise
+    return claimed
+
+
+def _unused_base(folder: str, name: str) -> str:
+    """``folder/name``, or ``folder/name-2``, ``-3``... when an earlier run wrote that name (never replaced)."""
+    base, n = os.path.join(folder, name), 1
+    while any(os.path.exists(base + (f"-{n}" if n > 1 else "") + ext) for ext in (".md", ".json", ".png")):
+        n += 1
+    return base + (f"-{n}" if n > 1 else "")
 
 
 def _slug(text: str) -> str:
@@ -688,9 +715,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     try:
         args = resolve_args(args)
-        check_outputs(args)
+        claimed = check_outputs(args)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        return _run(args)
+    finally:
+        for full, created in claimed:  # e.g. --plot without matplotlib, or a failure before the writing
+            discard_if_empty(full, created)
+
+
+def _setup_device(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -701,14 +736,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    return device
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
 
-    log(f"op: {op_label(device)} | device: {device}")
-    copy = copy_bandwidth(device, args.copy_mib, args)
-    log(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
+def _jobs(args: argparse.Namespace) -> List[Tuple[str, str, Tuple[int, ...], str]]:
     jobs = []
     for mode in args.modes:
         if "A" in args.tables:
@@ -722,6 +753,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             for res in args.resolutions:
                 for e in ENTRIES_F:
                     jobs.append(("F", e, (args.batch, args.channels, res, res), mode))
+    return jobs
+
+
+def _run(args: argparse.Namespace) -> Dict[str, object]:
+    device = _setup_device(args)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    log(f"op: {op_label(device)} | device: {device}")
+    copy = copy_bandwidth(device, args.copy_mib, args)
+    log(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
+    jobs = _jobs(args)
     by_job: Dict[int, dict] = {}
     for rnd in range(args.rounds):
         for i, (table, e, shape, mode) in enumerate(jobs):
@@ -740,11 +785,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"{rec['shape']:<16} {mode:<8} {_ms(rec)} ms"
                 + (f", peak {rec['peak_mem_mib']:.1f} MiB" if rec.get("peak_mem_mib") else ""))
     records = [by_job[i] for i in range(len(jobs))]
-
     meta = meta_info(args, device, copy)
     report = format_report(meta, records, args)
     print(report)
     result = dict(meta=meta, records=records, report=report)
+    _write_outputs(args, result, device, log)
+    return result
+
+
+def _write_outputs(args: argparse.Namespace, result: Dict[str, object], device: torch.device, log) -> None:
+    meta, records, report = result["meta"], result["records"], result["report"]
     if args.csv:
         write_csv(args.csv, records)
     if args.json:
@@ -756,7 +806,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if args.save_results:
         day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         kind = "gpu" if device.type == "cuda" else "cpu"
-        base = os.path.join(args.save_results,
+        base = _unused_base(args.save_results,
                             f"{day}_{kind}_{_slug(str(meta['device_name']))}_{args.dtype}_{args.memory_format}")
         atomic_write(base + ".md", report + "\n")
         atomic_write(base + ".json", json.dumps(dict(meta=meta, records=records), indent=1))
@@ -764,8 +814,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if "A" in args.tables and write_plot(base + ".png", meta, records, args):
             result["saved"].append(base + ".png")
         log(f"saved {base}.md and {base}.json")
-    return result
+
+
+def failed_rows(result: Dict[str, object]) -> List[dict]:
+    return [r for r in result["records"] if r.get("status") != "ok"]
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: 0 when every row was measured, 1 (with one line naming the failed rows) otherwise."""
+    failed = failed_rows(main(argv))
+    if failed:
+        names = "; ".join(f"{r['table']}/{r['entry']}/{r['shape']}/{r['mode']}" for r in failed[:5])
+        print(f"error: {len(failed)} measurement(s) failed (see 'Errors:' in the report): {names}"
+              + (" ..." if len(failed) > 5 else ""), file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,7 +33,7 @@ from training.data import BAD_IMAGE_CHOICES, DatasetError, ResumableSampler, col
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset
 from training.engine import evaluate
-from training.io import atomic_write, check_output_file
+from training.io import atomic_write, check_output_file, claim_output_file, discard_if_empty
 from training.runtime import autocast_ctx, init_runtime, resolve_amp
 
 _logger = logging.getLogger("validate")
@@ -205,16 +205,59 @@ def print_best(results: List[Dict]) -> None:
     print(f"best of {len(results)}: {best['model']} {best['checkpoint']} top-1: {best['top1']:.3f}", flush=True)
 
 
-def write_results(path: str, results: List[Dict]) -> None:
+def read_results(path: str) -> List[Dict]:
+    """The rows of an existing results file (empty or missing: none); ValueError when it is not one of ours, so
+    such a file is kept and named before any work."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return []
+    refused = (f"--results-file {path} exists and is not a validate.py results file; it is kept as it is: give "
+               f"another file name")
+    try:
+        with open(path, newline="") as f:
+            if path.lower().endswith(".json"):
+                rows = json.load(f)
+            else:
+                reader = csv.DictReader(f)
+                rows = list(reader) if "top1" in (reader.fieldnames or ()) else None
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:
+        raise ValueError(f"{refused} ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        want = "a JSON list of rows" if path.lower().endswith(".json") else "a CSV with a top1 column"
+        raise ValueError(f"{refused} (expected {want})")
+    return rows
+
+
+def write_results(path: str, results: List[Dict]) -> int:
+    """Append ``results`` to the rows already in ``path`` (kept, never replaced); written atomically. Returns the
+    number of earlier rows."""
+    old = read_results(path)
+    rows = old + list(results)
     if path.lower().endswith(".json"):
-        atomic_write(path, json.dumps(results, indent=2))
-        return
+        atomic_write(path, json.dumps(rows, indent=2))
+        return len(old)
     buf = io.StringIO()
-    fields = list(dict.fromkeys(k for r in results for k in r))
-    w = csv.DictWriter(buf, fieldnames=fields)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()
-    w.writerows(results)
+    w.writerows(rows)
     atomic_write(path, buf.getvalue())
+    return len(old)
+
+
+def claim_results_file(args) -> Optional[Tuple[str, bool]]:
+    """Before any work: ``--results-file`` is created now (or, when it exists, checked to be a results file that
+    the new rows are appended to). Returns (path, created by us) for :func:`discard_if_empty`, or None."""
+    if not args.results_file:
+        return None
+    full, created = claim_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))
+    try:
+        n = len(read_results(full))
+    except ValueError:
+        discard_if_empty(full, created)
+        raise
+    if n:
+        _logger.info("--results-file %s holds %d earlier row(s): the new results are appended", full, n)
+    return full, created
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -227,7 +270,7 @@ def parse_args(argv: Optional[List[str]] = None):
                                   ("input_size", 1, None, False), ("num_classes", 1, None, False),
                                   ("std", 0.0, None, True), ("log_interval", 0, None, False)):
         cli.check_range(args, name, lo, hi, lo_open=lo_open)
-    if args.results_file:  # checked before any work
+    if args.results_file:  # checked here, created (or checked to be ours) in main before any work
         check_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))
     if not args.checkpoint and not args.model:
         raise cli.UsageError("give --checkpoint FILE [FILE ...] and/or --model NAME [NAME ...]")
@@ -252,6 +295,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         _logger.addHandler(h)
         _logger.setLevel(logging.INFO)
         _logger.propagate = False
+    claimed = claim_results_file(args)
+    try:
+        return _validate_all(args, claimed[0] if claimed else "")
+    finally:
+        if claimed:
+            discard_if_empty(*claimed)
+
+
+def _validate_all(args, results_file: str) -> List[Dict]:
     device = init_runtime(args.device).device
     _logger.info("op: %s | device: %s", op_label(device), device)
     results, failed = [], []
@@ -269,9 +321,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         print(f"{r['model']} [{r['weights']}] {r['checkpoint'] or ''} on {r['images']} images{skipped} "
               f"({r['img_size']}px, crop {r['crop_pct']}, {r['interpolation']}, {r['precision']}): "
               f"top-1: {r['top1']:.3f} top-5: {r['top5']:.3f} loss: {r['loss']:.4f}", flush=True)
-    if args.results_file and results:
-        write_results(args.results_file, results)
-        print(f"results written to {os.path.abspath(args.results_file)}", flush=True)
+    if results_file and results:
+        earlier = write_results(results_file, results)
+        print(f"results written to {results_file}" + (f" (appended after {earlier} earlier row(s))" if earlier
+                                                         else ""), flush=True)
     if len(results) > 1:
         print_best(results)
     if failed:

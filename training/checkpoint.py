@@ -9,6 +9,7 @@ loaded with a warning.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -56,16 +57,45 @@ def _records_sha256(zf: zipfile.ZipFile) -> Tuple[str, Optional[str]]:
 
 
 def _write_verified(obj: Any, path: str) -> None:
-    torch.save(obj, path)
+    with open(path, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC), not torch's 'unexpected pos'
+        torch.save(obj, f)
     with zipfile.ZipFile(path, "a") as zf:
         digest, _ = _records_sha256(zf)
         prefix = zf.namelist()[0].split("/", 1)[0]
         zf.writestr(f"{prefix}/{CHECKSUM_RECORD}", json.dumps({"sha256": digest}))
 
 
+def _no_space(e: Optional[BaseException]) -> bool:
+    """True when ``e`` or an exception it was raised from/during is OSError ENOSPC / EDQUOT (torch.save re-raises a
+    failed write of its file object as a RuntimeError whose context is the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _no_space_error(path: str) -> CheckpointError:
+    full = os.path.abspath(path)
+    try:
+        verify_checkpoint(full)
+        kept = f"the previous checkpoint {full} is intact"
+    except CheckpointError:
+        kept = f"no checkpoint was written to {full}"
+    return CheckpointError(f"no space left on {os.path.dirname(full)}; {kept}")
+
+
 def save_checkpoint(obj: Any, path: str) -> str:
-    """``torch.save`` + checksum record, written atomically (see :func:`training.io.atomic_write`)."""
-    return atomic_write(path, lambda tmp: _write_verified(obj, tmp))
+    """``torch.save`` + checksum record, written atomically (see :func:`training.io.atomic_write`). A full disk is a
+    :class:`CheckpointError` ``no space left on <dir>; the previous checkpoint <file> is intact``."""
+    try:
+        return atomic_write(path, lambda tmp: _write_verified(obj, tmp))
+    except Exception as e:  # noqa: BLE001 - only a full disk is translated
+        if not _no_space(e):
+            raise
+        raise _no_space_error(path) from None
 
 
 def verify_checkpoint(path: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 Content = Union[str, bytes, Callable[[str], None]]
 TMP_SUFFIX = ".tmp"  # temporary files are ``.<name>.<random>.tmp`` in the target's folder
@@ -102,4 +102,38 @@ def check_output_dir(folder: str, option: str) -> str:
         raise ValueError(f"{option}: cannot create folder {full}: {e.strerror or e}") from None
     if not os.access(full, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: folder {full} is not writable")
+    try:  # access() says yes to root everywhere (e.g. /proc): create and remove a file to be sure
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=TMP_SUFFIX, dir=full)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{option}: cannot create files in {full}: {e.strerror or e}") from None
     return full
+
+
+def claim_output_file(path: str, option: str, suffixes=None) -> Tuple[str, bool]:
+    """:func:`check_output_file`, then create the file now, empty, so a path that cannot be written fails before
+    the work (ValueError naming ``option``). An existing file is left as it is (checked to be a writable regular
+    file). Returns (absolute path, created); give both to :func:`discard_if_empty` when the work ends."""
+    full = check_output_file(path, option, suffixes)
+    try:
+        os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        return full, True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ValueError(f"{option}: cannot create {full}: {e.strerror or e}") from None
+    if not os.path.isfile(full):
+        raise ValueError(f"{option}: {full} exists and is not a regular file")
+    if not os.access(full, os.W_OK):
+        raise ValueError(f"{option}: {full} exists and is not writable")
+    return full, False
+
+
+def discard_if_empty(path: str, created: bool) -> None:
+    """Remove a file :func:`claim_output_file` created when nothing was written to it."""
+    try:
+        if created and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
+    except OSError:
+        pass
