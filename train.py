@@ -185,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RANGES = [  # (option, lo, hi, lo_open, hi_open)
+MAX_LR = 100.0  # far above any real learning rate (SGD on ImageNet: ~0.1-1); 1e30 diverges at step 1
+RANGES = [  # (option, lo, hi, lo_open, hi_open); nan/inf floats are refused for every option listed
     ("epochs", 1, None, False, False), ("batch_size", 1, None, False, False),
     ("validation_batch_size", 1, None, False, False), ("workers", 0, None, False, False),
-    ("smoothing", 0.0, 1.0, False, True), ("lr", 0.0, None, True, False), ("lr_base", 0.0, None, True, False),
-    ("lr_base_size", 1, None, False, False), ("warmup_lr", 0.0, None, False, False), ("min_lr", 0.0, None, False, False),
+    ("smoothing", 0.0, 1.0, False, True), ("lr", 0.0, MAX_LR, True, False), ("lr_base", 0.0, MAX_LR, True, False),
+    ("lr_base_size", 1, None, False, False), ("warmup_lr", 0.0, MAX_LR, False, False),
+    ("min_lr", 0.0, MAX_LR, False, False), ("mean", None, None, False, False), ("opt_eps", 0.0, None, True, False),
     ("warmup_epochs", 0, None, False, False), ("cooldown_epochs", 0, None, False, False),
     ("decay_epochs", 0.0, None, True, False), ("decay_rate", 0.0, None, True, False),
     ("momentum", 0.0, 1.0, False, True), ("weight_decay", 0.0, None, False, False), ("clip_grad", 0.0, None, True, False),

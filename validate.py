@@ -268,7 +268,8 @@ def parse_args(argv: Optional[List[str]] = None):
     for name, lo, hi, lo_open in (("crop_pct", 0.0, 1.0, True), ("batch_size", 1, None, False),
                                   ("workers", 0, None, False), ("img_size", 1, None, False),
                                   ("input_size", 1, None, False), ("num_classes", 1, None, False),
-                                  ("std", 0.0, None, True), ("log_interval", 0, None, False)):
+                                  ("std", 0.0, None, True), ("mean", None, None, False),
+                                  ("log_interval", 0, None, False)):
         cli.check_range(args, name, lo, hi, lo_open=lo_open)
     if args.results_file:  # checked here, created (or checked to be ours) in main before any work
         check_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))

@@ -177,3 +177,30 @@ def test_full_disk_for_real_on_a_tiny_tmpfs(tmp_path):
             save_checkpoint({"w": torch.randn(200000)}, os.path.join(mnt, "other.pth.tar"))
     finally:
         subprocess.run(["umount", "-l", mnt], capture_output=True)  # lazy: a failing test may hold a file open
+
+
+# ---------------------------------------------------------------------- item 4: values refused at parse time
+@pytest.mark.parametrize("argv,match", [
+    (["--lr", "1e30"], r"^--lr must be > 0\.0 and <= 100\.0, got 1e\+30$"),
+    (["--lr", "inf"], r"^--lr must be a finite number > 0\.0 and <= 100\.0, got inf$"),
+    (["--mean", "0.5", "nan", "0.5"], r"^--mean must be a finite number, got \[0\.5, nan, 0\.5\]$"),
+    (["--std", "0.2", "inf", "0.2"], r"^--std must be a finite number > 0\.0"),
+    (["--ratio", "1", "inf"], r"^--ratio must be a finite number > 0\.0, got \(1\.0, inf\)$"),
+    (["--scale", "nan", "1"], r"^--scale must be a finite number > 0\.0 and <= 1\.0"),
+    (["--warmup-lr", "1e9"], r"^--warmup-lr must be >= 0\.0 and <= 100\.0"),
+], ids=["lr-1e30", "lr-inf", "mean-nan", "std-inf", "ratio-inf", "scale-nan", "warmup-lr"])
+def test_train_non_finite_or_absurd_values_refused_at_parse_time(demo_root, argv, match):
+    with pytest.raises(cli.UsageError, match=match):
+        train.parse_args(["--demo-root", demo_root, *argv])
+
+
+def test_train_yaml_inf_lr_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: .inf\n")
+    with pytest.raises(cli.UsageError, match=r"^--lr must be a finite number"):
+        train.parse_args(["--config", str(cfg), str(tmp_path)])
+
+
+def test_validate_nan_mean_refused(demo_root):
+    with pytest.raises(cli.UsageError, match=r"^--mean must be a finite number"):
+        validate.parse_args(val_args(demo_root, "--mean", "nan"))

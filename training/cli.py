@@ -127,13 +127,17 @@ def _rule_text(lo, hi, lo_open, hi_open) -> str:
 
 def check_range(args, name: str, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
                 allow_none: bool = True) -> None:
-    """UsageError ``--name must be ... got X`` unless ``lo (<|<=) value (<|<=) hi`` (each element for lists)."""
+    """UsageError ``--name must be ... got X`` unless ``lo (<|<=) value (<|<=) hi`` (each element for lists); a
+    nan or infinite float is always refused (``lo = hi = None``: only that check)."""
     value = getattr(args, name)
     if value is None and allow_none:
         return
     opt = "--" + name.replace("_", "-")
     for v in (value if isinstance(value, (list, tuple)) else [value]):
-        bad = v is None or (isinstance(v, float) and math.isnan(v))
+        if isinstance(v, float) and not math.isfinite(v):
+            rule = _rule_text(lo, hi, lo_open, hi_open)
+            raise UsageError(f"{opt} must be a finite number{' ' + rule if rule else ''}, got {value!r}")
+        bad = v is None
         bad = bad or (lo is not None and (v <= lo if lo_open else v < lo))
         bad = bad or (hi is not None and (v >= hi if hi_open else v > hi))
         if bad:
