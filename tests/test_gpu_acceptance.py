@@ -80,3 +80,38 @@ def test_the_op_sweep_covers_every_variant_axis():
     extra = [c for c in correctness.cases(dry_run=True) if (c["s"], c["d"], c["head"], c["norm"]) != (1, 1, 1, False)]
     assert {c["s"] for c in extra} >= {2} and {c["d"] for c in extra} >= {2} and {c["head"] for c in extra} >= {2, 4}
     assert any(c["norm"] for c in extra)
+
+
+def test_sweep_cases_not_finished_in_the_time_box_are_failures_and_the_workers_stop(monkeypatch):
+    import time
+
+    from tools.acceptance.common import Context
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned workers run the kernels in the interpreter
+    ctx = Context(out="unused", dry_run=True, deadline=time.time() + 31)  # 1 s for the sweep: spawning alone is more
+    t0 = time.time()
+    failed, n, t = correctness.op_sweep(ctx)
+    assert time.time() - t0 < 30
+    assert n == len(correctness.cases(True)) and failed >= n - 2
+    assert sum(r[-1] == "FAIL (not run: time box)" for r in t["rows"]) >= n - 2
+
+
+def test_the_report_is_on_disk_after_each_phase_even_when_the_command_is_killed(tmp_path):
+    import signal
+    import time
+
+    out = str(tmp_path / "acc")
+    env = dict(os.environ, PYTHONPATH=ROOT, DDF_ACCEPTANCE_TEST_HANG="sanitizer")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--dry-run", "--out", out, "--phases", "env,sanitizer"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(os.path.join(out, "logs", "sanitizer.log")):
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    phases = _report(out)
+    assert phases["env"]["status"] == "pass"
+    assert phases["sanitizer"]["status"] == "skipped" and "not reached" in phases["sanitizer"]["reason"]

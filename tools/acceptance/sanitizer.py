@@ -22,11 +22,11 @@ def _sanitizer() -> str:
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), "")
 
 
-def _run(ctx: Context, cmd, env, name):
+def _run(ctx: Context, cmd, env, name, share: float = 0.5):
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=max(ctx.left() / 2 - 5, 10))
+                              timeout=max(ctx.left() * share - 5, 10))
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
         rc, out = "timeout", ""
@@ -45,9 +45,10 @@ def run(ctx: Context):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     if ctx.dry_run:
         env["TRITON_INTERPRET"] = "1"
-        rc, out, secs = _run(ctx, TARGET, env, "target")
+        rc, out, secs = _run(ctx, TARGET, env, "target", share=1.0)
         if rc != 0:
-            return result("fail", f"the sanitizer's target program failed on CPU: {out.strip()[-300:]}")
+            return result("fail", f"the sanitizer's target program failed on CPU (exit {rc} after {secs:.0f} s): "
+                                  f"{out.strip()[-300:]}")
         return result("skipped", f"compute-sanitizer needs a GPU (dry run); its target program ran in Triton's "
                                  f"interpreter: {out.strip().splitlines()[-1]} ({secs:.0f} s)")
     tool = _sanitizer()
