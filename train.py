@@ -41,6 +41,7 @@ from training.checkpoint import (CheckpointSaver, checkpoint_dict, continues_in_
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset, check_demo_root
 from training.engine import RunPlan, Trainer, TrainParts
+from training.step_stats import NonFiniteLossError
 from training.io import atomic_write, check_output_dir
 
 _logger = logging.getLogger("train")
@@ -166,7 +167,13 @@ def _run_options(p) -> None:
     g.add_argument("--output", default="output/train", help="parent folder of the run folder")
     g.add_argument("--experiment", default="",
                    help="run folder name (default: <date>-<model>); a name already used gets a -N suffix")
-    g.add_argument("--log-interval", type=int, default=50, help="progress line every N steps")
+    g.add_argument("--log-interval", type=int, default=50,
+                   help="progress line every N steps (0: none); the loss is read from the device, checked for "
+                        "NaN/Inf and the stop request agreed across ranks only at these steps (every 50 with 0)")
+    g.add_argument("--max-nonfinite-steps", type=int, default=100, metavar="N",
+                   help="float16 AMP: stop (keeping the last checkpoint) after N consecutive steps that the GradScaler "
+                        "skipped for a non-finite loss or gradients (0: never). Without a GradScaler (float32, "
+                        "bfloat16) a non-finite loss stops the run at the next log-interval step")
     g.add_argument("--checkpoint-hist", type=int, default=3, help="keep the top-k epoch checkpoints")
     g.add_argument("--checkpoint-interval", type=int, default=0,
                    help="also write last.pth.tar every N steps inside an epoch (mid-epoch resume)")
@@ -202,7 +209,8 @@ RANGES = [  # (option, lo, hi, lo_open, hi_open); nan/inf floats are refused for
     ("ratio", 0.0, None, True, False), ("crop_pct", 0.0, 1.0, True, False), ("img_size", 1, None, False, False),
     ("input_size", 1, None, False, False), ("std", 0.0, None, True, False), ("num_classes", 1, None, False, False),
     ("model_ema_decay", 0.0, 1.0, True, True), ("log_interval", 0, None, False, False),
-    ("checkpoint_hist", 0, None, False, False), ("checkpoint_interval", 0, None, False, False),
+    ("max_nonfinite_steps", 0, None, False, False), ("checkpoint_hist", 0, None, False, False),
+    ("checkpoint_interval", 0, None, False, False),
     ("stop_after_steps", 0, None, False, False), ("seed", 0, None, False, False),
     ("demo_train_per_class", 1, None, False, False), ("demo_val_per_class", 1, None, False, False),
     ("demo_img_size", 8, None, False, False),
@@ -435,7 +443,8 @@ def build_optimisation(args, model: nn.Module, ema, data: SimpleNamespace, rt: r
                        sched_on_updates=args.sched_on_updates)
     plan = RunPlan(epochs=num_epochs, steps_per_epoch=data.steps_per_epoch, eval_metric=args.eval_metric,
                    log_interval=args.log_interval, checkpoint_interval=args.checkpoint_interval,
-                   stop_after_steps=args.stop_after_steps, dist_bn=dist_bn_mode(args, rt.distributed))
+                   stop_after_steps=args.stop_after_steps, dist_bn=dist_bn_mode(args, rt.distributed),
+                   max_nonfinite_steps=args.max_nonfinite_steps)
     return parts, plan
 
 
@@ -595,4 +604,4 @@ def report(args, result: Dict, saver: CheckpointSaver) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)
+    cli.run_cli(main, errors=(NonFiniteLossError,))

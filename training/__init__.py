@@ -8,6 +8,7 @@ Modules (one concern each):
                  the resumable distributed sampler, dataset fingerprints
 * ``runtime``    device / distributed set-up, AMP, RNG state, stop signals, logging, the per-epoch run log
 * ``engine``     ``train_one_epoch`` and ``evaluate``
+* ``step_stats`` on-device loss statistics of the steps (read at the sync points) and the non-finite-step rule
 * ``cli``        argument parsing helpers: YAML configs with type checks, option value checks, the CLI wrapper
 * ``demo_data``  the procedurally drawn demo dataset
 """

@@ -252,7 +252,8 @@ def stop_signals_blocked():
 class GracefulStop:
     """Turns the first SIGTERM / SIGINT into a request to stop after the current step (the caller saves
     ``last.pth.tar`` and exits); a second SIGINT interrupts at once. Distributed runs agree on the stop with an
-    all-reduce so that every rank stops at the same step."""
+    all-reduce at points every rank reaches together (:meth:`agree`) so that every rank stops at the same step; never
+    once per step or per evaluation batch."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -278,18 +279,38 @@ class GracefulStop:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        _logger.warning("received %s: saving last.pth.tar after the current step, then stopping",
+        _logger.warning("received %s: saving last.pth.tar at the next sync step (every --log-interval steps, or "
+                        "the end of the epoch's evaluation), then stopping",
                         signal.Signals(signum).name)
 
-    def requested(self) -> bool:
-        """True once any rank received a signal (one all-reduce per call when distributed)."""
+    @property
+    def received(self) -> bool:
+        """This process received a stop signal (no collective; other ranks may not know yet)."""
+        return self.signum is not None
+
+    def agree(self, *values: float) -> List[float]:
+        """One collective (distributed): the MAX over ranks of this rank's signal number and of ``values``. A signal
+        of another rank is adopted, so afterwards :attr:`signum` is the same on every rank. Every rank must call it
+        at the same points of the run (the training loop: its sync steps, identical on every rank because the
+        padded train sampler gives every rank the same number of batches); returns the agreed ``values``."""
         if not self.rt.distributed:
-            return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else int(self.signum)], device=self.rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signum is None:
-            self.signum = int(flag.item())
-        return bool(flag.item())
+            return list(values)
+        t = torch.tensor([float(self.signum or 0), *map(float, values)], dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        agreed = t.tolist()
+        if agreed[0]:
+            self.adopt(int(agreed[0]))
+        return agreed[1:]
+
+    def adopt(self, signum: int) -> None:
+        """Take another rank's signal as this rank's stop request (this rank's own signal, if any, is kept)."""
+        if self.signum is None:
+            self.signum = signum
+
+    def requested(self) -> bool:
+        """True once any rank received a signal (one all-reduce when distributed: see :meth:`agree`)."""
+        self.agree()
+        return self.signum is not None
 
 
 # -------------------------------------------------------------------------------------------------- run log
