@@ -19,14 +19,13 @@ import math
 import os
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.distributed as dist
 import yaml
 
-import timm
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -35,7 +34,7 @@ from timm.utils import ModelEmaV3, unwrap_model
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import BACKENDS, require_compiled, use_backend
-from training import cli, data as tdata, run_folder, runtime
+from training import cli, data as tdata, model_options, run_folder, runtime
 from training.checkpoint import (CheckpointSaver, checkpoint_dict, continues_in_place, load_checkpoint,
                                  unwrap_state_dict)
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
@@ -81,7 +80,8 @@ def _model_options(p) -> None:
                    help="extra create_model kwargs, e.g. se_ratio=0.3 filters=channel normalization=batch_norm")
     g.add_argument("--pretrained", action="store_true", default=False)
     g.add_argument("--initial-checkpoint", default="", help="weights to start from (fine-tuning); not a resume")
-    g.add_argument("--resume", default="", help="checkpoint to continue the same run from (last.pth.tar)")
+    g.add_argument("--resume", default="", help="checkpoint to continue the same run from (last.pth.tar); a run that "
+                                                "already finished --epochs is refused (exit 2) and left untouched")
     g.add_argument("--trust-checkpoint", action="store_true", default=False,
                    help="load --resume/--initial-checkpoint files with full unpickling, which can run code from the "
                         "file (default: weights-only loading, which refuses such files)")
@@ -89,7 +89,9 @@ def _model_options(p) -> None:
                    help="on --resume restore only weights and epoch, not optimizer/scaler/EMA state")
     g.add_argument("--num-classes", type=int, default=None, help="default: number of classes in the data")
     g.add_argument("--img-size", type=int, default=None)
-    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="C 1 (grayscale: the model's in_chans=1, images decoded as 'L', default mean/std the "
+                        "luma-weighted RGB ones) or 3 (RGB)")
     g.add_argument("--crop-pct", type=float, default=None)
     g.add_argument("--mean", type=float, nargs="+", default=None)
     g.add_argument("--std", type=float, nargs="+", default=None)
@@ -231,15 +233,47 @@ def _config_model_kwargs(raw, path: str) -> Dict:
 def check_args(args) -> None:
     for name, lo, hi, lo_open, hi_open in RANGES:
         cli.check_range(args, name, lo, hi, lo_open, hi_open)
-    for name in ("mean", "std"):
-        v = getattr(args, name)
-        if v is not None and len(v) not in (1, 3):
-            raise cli.UsageError(f"--{name} needs 1 or 3 values, got {len(v)}")
+    model_options.check_norm_lengths(args.mean, args.std, model_options.input_channels(args.input_size))
     if args.scale[0] > args.scale[1] or args.ratio[0] > args.ratio[1]:
         raise cli.UsageError(f"--scale and --ratio need MIN <= MAX, got {list(args.scale)} and {list(args.ratio)}")
     if args.apex_amp:
         raise cli.UsageError("--apex-amp: NVIDIA apex is not supported (obsolete); use --amp (native torch.amp, "
                              "float16 + GradScaler on CUDA) or --amp --amp-dtype bfloat16")
+
+
+def model_sources(args, from_config: Iterable[str] = (), config_path: str = "") -> Dict[str, str]:
+    """create_model kwarg -> the option that set it, for one-line errors (training.model_options); ``from_config``:
+    the model_kwargs keys that came from the YAML file (not overridden on the command line)."""
+    src = {k: (f"--config {config_path}: model_kwargs {k}={v!r}" if k in from_config else f"--model-kwargs {k}={v!r}")
+           for k, v in args.model_kwargs.items()}
+    src.update(drop_rate=f"--drop {args.drop}", drop_path_rate=f"--drop-path {args.drop_path}",
+               num_classes=f"--num-classes {args.num_classes}")
+    if args.input_size is not None:
+        src["in_chans"] = "--input-size " + " ".join(str(v) for v in args.input_size)
+    return src
+
+
+def create_kwargs(args, num_classes: Optional[int]) -> Dict:
+    """What create_model gets besides the name: classes, dropout, input channels (--input-size C), --model-kwargs."""
+    kw = {"drop_rate": args.drop, **({"num_classes": num_classes} if num_classes else {})}
+    if args.drop_path is not None:
+        kw["drop_path_rate"] = args.drop_path
+    if args.input_size is not None:
+        kw["in_chans"] = model_options.input_channels(args.input_size)
+    return {**kw, **args.model_kwargs}
+
+
+def check_timm_options(args, sources: Dict[str, str]) -> None:
+    """Every value passed on to timm, checked now (before any run folder or data): one line naming the option."""
+    if "in_chans" in args.model_kwargs:  # the data must be decoded with the same channels as the model takes
+        raise cli.UsageError(f"--model-kwargs in_chans={args.model_kwargs['in_chans']!r}: give the input channels as --input-size C H W (it sets both the "
+                             f"model's in_chans and how the images are decoded)")
+    model_options.check_mixup_batch(args.batch_size, args.mixup, args.cutmix)
+    model_options.check_interpolation(args.interpolation, "--interpolation")
+    model_options.check_interpolation(args.train_interpolation, "--train-interpolation", allow_random=True)
+    model_options.check_auto_augment(args.aa)
+    model_options.check_model(args.model, create_kwargs(args, args.num_classes), sources,
+                              model_options.input_channels(args.input_size))
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -255,12 +289,14 @@ def parse_args(argv: Optional[List[str]] = None):
         cfg_model_kwargs = _config_model_kwargs(raw.get("model_kwargs"), config_path)
     args = parser.parse_args(argv)
     args.config = config_path
-    args.model_kwargs = {**cfg_model_kwargs, **cli.parse_kv(args.model_kwargs)}
+    cli_model_kwargs = cli.parse_kv(args.model_kwargs)
+    args.model_kwargs = {**cfg_model_kwargs, **cli_model_kwargs}
     if args.data_dir and args.data and args.data_dir != args.data:
         raise cli.UsageError(f"data given twice: {args.data!r} and --data-dir {args.data_dir!r}")
     args.data = args.data_dir = args.data or args.data_dir
     args.scale, args.ratio = tuple(args.scale), tuple(args.ratio)
     check_args(args)
+    check_timm_options(args, model_sources(args, set(cfg_model_kwargs) - set(cli_model_kwargs), config_path))
     return args
 
 
@@ -269,14 +305,37 @@ def _holds_run(folder: str) -> bool:
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
 
 
-def choose_run_folder(args) -> run_folder.RunLock:
+def planned_epochs(args) -> int:
+    """The epochs the schedule runs (``--epochs``, plus ``--cooldown-epochs`` for the cycle schedules), as
+    build_optimisation will get them from timm, computed on a one-parameter optimizer."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    return create_scheduler_v2(opt, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+                               cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+                               warmup_lr=args.warmup_lr, warmup_epochs=min(args.warmup_epochs, args.epochs - 1),
+                               updates_per_epoch=1)[1]
+
+
+def check_not_finished(args, ckpt: Dict) -> None:
+    """A --resume with nothing left to train is refused before anything is written (exit 2): the run folder, its
+    args.yaml, summary.csv and checkpoints stay byte for byte as they are."""
+    step = int(ckpt.get("step", 0) or 0)
+    done = int(ckpt.get("epoch", -1)) + (0 if step else 1)  # the epoch to start at = epochs completed
+    total = planned_epochs(args)
+    if done >= total:
+        cool = f" + {args.cooldown_epochs} cooldown" if total > args.epochs else ""
+        raise cli.UsageError(f"--resume {args.resume}: the run already finished {done} epoch(s) (--epochs "
+                             f"{args.epochs}{cool}); nothing to do, nothing written (raise --epochs to train more: "
+                             f"that starts a new run folder and leaves this one as it is)")
+
+
+def choose_run_folder(args, ckpt: Optional[Dict] = None) -> run_folder.RunLock:
     """Claim the run folder (its ``run.lock``, see :mod:`training.run_folder`) before any set-up. ``--resume
     <run>/last.pth.tar`` of an unfinished run continues in ``<run>`` (:func:`training.checkpoint.continues_in_place`);
     anything else gets ``--output/--experiment`` (default ``<date>-<model>``), and a folder that holds another run
     or is claimed by a live one is never reused: a ``-1``, ``-2``... suffix is added."""
     if args.resume:
-        ckpt = load_checkpoint(args.resume, trust=args.trust_checkpoint)
-        checkpoint_dict(ckpt, args.resume, "--resume")
+        if ckpt is None:
+            ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
         folder = continues_in_place(args.resume, ckpt)
         if folder is not None and (not args.experiment or os.path.abspath(os.path.join(args.output, args.experiment))
                                    == folder):
@@ -303,9 +362,14 @@ def prepare_output(args, rt: runtime.Runtime) -> Tuple[str, Optional[run_folder.
         raise cli.UsageError(f"--resume: checkpoint not found: {os.path.abspath(args.resume)}")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise cli.UsageError(f"--initial-checkpoint: file not found: {os.path.abspath(args.initial_checkpoint)}")
+    ckpt = None
+    if args.resume:  # every rank: a finished run stops all of them here
+        ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
+        check_not_finished(args, ckpt)
     if args.data is None:
         check_demo_root(args.demo_root)
-    lock = choose_run_folder(args) if rt.primary else None
+    lock = choose_run_folder(args, ckpt) if rt.primary else None
+    ckpt = None
     out = [lock.folder if lock else None]
     try:
         if rt.distributed:
@@ -361,6 +425,7 @@ def build_data(args, rt: runtime.Runtime) -> SimpleNamespace:
 
 
 def set_transforms(args, data: SimpleNamespace, data_config: Dict) -> None:
+    data.train.channels = data.val.channels = int(data_config["input_size"][0])  # 1: images decoded as 'L'
     data.train.transform = create_transform(
         data_config["input_size"], is_training=True, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
@@ -376,12 +441,11 @@ def eval_transform(data_config: Dict):
 
 # -------------------------------------------------------------------------------------------------------- model
 def build_model(args, num_classes: int, rt: runtime.Runtime):
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop,
-                              **({"drop_path_rate": args.drop_path} if args.drop_path is not None else {}),
-                              **args.model_kwargs)
+    model = model_options.create_model(args.model, create_kwargs(args, num_classes), model_sources(args),
+                                       pretrained=args.pretrained)
     if args.initial_checkpoint:
         load_initial_weights(model, args.initial_checkpoint, args.trust_checkpoint)
-    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    data_config = model_options.fit_channels(resolve_data_config(vars(args), model=model, verbose=False))
     _logger.info("model %s: %.2fM params, kwargs %s, data config %s", args.model,
                  sum(p.numel() for p in model.parameters()) / 1e6, args.model_kwargs, data_config)
     model.to(rt.device)
@@ -506,7 +570,12 @@ def resume(args, parts: TrainParts, sig: Dict, class_names: List[str]):
     step = int(ckpt.get("step", 0))
     epoch = int(ckpt.get("epoch", -1)) + (0 if step else 1)  # mid-epoch: 'epoch' is the epoch in progress
     check_resume(args.resume, ckpt, sig, step > 0, class_names)
-    unwrap_model(parts.model).load_state_dict(unwrap_state_dict(ckpt, use_ema=False))
+    sd = unwrap_state_dict(ckpt, use_ema=False)
+    bad = model_options.state_dict_mismatch(unwrap_model(parts.model), sd)
+    if bad:  # e.g. another --input-size or --model-kwargs than the run was started with
+        raise cli.UsageError(f"--resume {args.resume}: its weights do not fit --model {args.model} as built now "
+                             f"({bad}); resume with the run's own --input-size / --model-kwargs")
+    unwrap_model(parts.model).load_state_dict(sd)
     if not args.no_resume_opt:
         if "optimizer" in ckpt:
             parts.optimizer.load_state_dict(ckpt["optimizer"])

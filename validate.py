@@ -22,12 +22,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-import timm
 from timm.data import create_transform, resolve_data_config
 
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import op_label
-from training import cli
+from training import cli, model_options
 from training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 from training.data import BAD_IMAGE_CHOICES, DatasetError, ResumableSampler, collate_skip, create_dataset
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
@@ -66,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
+    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="default: the checkpoint's (its channels rebuild the model: in_chans)")
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--interpolation", default="")
     p.add_argument("--mean", type=float, nargs="+", default=None)
@@ -126,12 +126,35 @@ def _check_classes(info: Dict, dataset, num_classes: int) -> None:
                            f"outputs")
 
 
-def _build_model(args, model_name: str, info: Dict, state_dict, num_classes: int):
+def _input_channels(args, info: Dict) -> int:
+    """--input-size C, else the channels the checkpoint was trained with (its data_config / args), else 3."""
+    if args.input_size is not None:
+        return model_options.input_channels(args.input_size)
+    for size in ((info["data_config"] or {}).get("input_size"), info["args"].get("input_size")):
+        if size:
+            return model_options.input_channels(size, "the checkpoint's input_size")
+    return 3
+
+
+def _build_model(args, model_name: str, info: Dict, state_dict, num_classes: int, ckpt_path: Optional[str] = None):
     kwargs = dict(info["model_kwargs"])
-    kwargs.update(cli.parse_kv(args.model_kwargs))
-    model = timm.create_model(model_name, pretrained=args.pretrained and info["ckpt"] is None,
-                              num_classes=num_classes, **kwargs)
+    cli_kwargs = cli.parse_kv(args.model_kwargs)
+    kwargs.update(cli_kwargs)
+    chans = _input_channels(args, info)
+    if chans != 3:
+        kwargs["in_chans"] = chans
+    sources = {k: (f"--model-kwargs {k}={v!r}" if k in cli_kwargs else f"model_kwargs {k}={v!r} recorded in "
+                   f"checkpoint {ckpt_path}") for k, v in kwargs.items()}
+    sources["in_chans"] = ("--input-size " + " ".join(map(str, args.input_size)) if args.input_size
+                           else f"{chans} input channels recorded in checkpoint {ckpt_path}")
+    model = model_options.create_model(model_name, kwargs, sources, num_classes=num_classes,
+                                       pretrained=args.pretrained and info["ckpt"] is None)
     if state_dict is not None:
+        bad = model_options.state_dict_mismatch(model, state_dict)
+        if bad:
+            trained = f" (it records arch {info['arch']!r})" if info["arch"] and info["arch"] != model_name else ""
+            raise CheckpointError(f"checkpoint {os.path.abspath(ckpt_path or '')} does not fit --model {model_name}"
+                                  f"{trained}: {bad}; give the --model, --model-kwargs and --input-size it was trained with")
         model.load_state_dict(state_dict)
     elif not args.pretrained:
         _logger.warning("%s: no --checkpoint and no --pretrained: evaluating random weights", model_name)
@@ -139,8 +162,10 @@ def _build_model(args, model_name: str, info: Dict, state_dict, num_classes: int
 
 
 def _data_config(args, info: Dict, model) -> Dict:
+    chans = _input_channels(args, info)
+    model_options.check_norm_lengths(args.mean, args.std, chans)
     cli_cfg = {"img_size": args.img_size, "input_size": args.input_size, "crop_pct": args.crop_pct,
-               "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
+               "interpolation": args.interpolation, "mean": args.mean, "std": args.std, "in_chans": chans}
     if info["data_config"]:
         return resolve_data_config(cli_cfg, pretrained_cfg=dict(info["data_config"]), model=model)
     return resolve_data_config(cli_cfg, model=model)
@@ -164,8 +189,9 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
     num_classes = (args.num_classes or info["num_classes"] or
                    (_num_classes_from_state_dict(state_dict) if state_dict else None) or len(dataset.classes))
     _check_classes(info, dataset, num_classes)
-    model = _build_model(args, model_name, info, state_dict, num_classes)
-    data_config = _data_config(args, info, model)
+    model = _build_model(args, model_name, info, state_dict, num_classes, ckpt_path)
+    data_config = model_options.fit_channels(_data_config(args, info, model))
+    dataset.channels = int(data_config["input_size"][0])  # 1: images decoded as 'L'
     dataset.transform = create_transform(data_config["input_size"], is_training=False,
                                          interpolation=data_config["interpolation"], mean=data_config["mean"],
                                          std=data_config["std"], crop_pct=data_config["crop_pct"])
@@ -271,6 +297,10 @@ def parse_args(argv: Optional[List[str]] = None):
                                   ("std", 0.0, None, True), ("mean", None, None, False),
                                   ("log_interval", 0, None, False)):
         cli.check_range(args, name, lo, hi, lo_open=lo_open)
+    model_options.check_norm_lengths(args.mean, args.std, model_options.input_channels(args.input_size))
+    model_options.check_interpolation(args.interpolation, "--interpolation")
+    for name in args.model or ():
+        model_options.check_model_name(name)
     if args.results_file:  # checked here, created (or checked to be ours) in main before any work
         check_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))
     if not args.checkpoint and not args.model:

@@ -108,13 +108,19 @@ def test_copied_run_folder_never_prunes_the_original(tmp_path):
     assert index["ranked"] == [[20.0, 1, "checkpoint-1.pth.tar"]]  # relative to the folder it lives in
 
 
-def test_reused_experiment_name_keeps_the_earlier_run(demo_root, tmp_path):
+def test_reused_experiment_name_keeps_the_earlier_run(demo_root, tmp_path, monkeypatch):
     first = train.main(tiny(demo_root, tmp_path, "exp", "--epochs", "1"))
     run = os.path.join(str(tmp_path), "exp")
     assert first["output"] == run
     before = _snapshot(run)
-    with pytest.raises(RuntimeError):  # the second run fails after choosing its folder
-        train.main(tiny(demo_root, tmp_path, "exp", "--epochs", "1", "--model", "no_such_model_xyz"))
+
+    def fail(*a, **k):
+        raise RuntimeError("model construction failed")
+
+    with monkeypatch.context() as m:  # the second run fails after choosing its folder (a bad --model is refused
+        m.setattr(train, "build_model", fail)  # before that now, so the failure is made here)
+        with pytest.raises(RuntimeError, match="model construction failed"):
+            train.main(tiny(demo_root, tmp_path, "exp", "--epochs", "1"))
     assert _snapshot(run) == before
     second = train.main(tiny(demo_root, tmp_path, "exp", "--epochs", "1"))
     # the failed run stopped before writing anything into exp-1, so that empty folder is used now
