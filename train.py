@@ -35,8 +35,8 @@ from timm.utils import ModelEmaV3, unwrap_model
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import BACKENDS, require_compiled, use_backend
 from training import cli, data as tdata, model_options, run_folder, runtime
-from training.checkpoint import (CheckpointSaver, checkpoint_dict, continues_in_place, load_checkpoint,
-                                 unwrap_state_dict)
+from training.checkpoint import (LAST_NAME, CheckpointSaver, checkpoint_dict, continues_in_place, is_run_folder,
+                                 load_checkpoint, recover_run_folder, unwrap_state_dict)
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset, check_demo_root
 from training.engine import RunPlan, Trainer, TrainParts
@@ -328,7 +328,8 @@ def check_not_finished(args, ckpt: Dict) -> None:
                              f"that starts a new run folder and leaves this one as it is)")
 
 
-def choose_run_folder(args, ckpt: Optional[Dict] = None) -> run_folder.RunLock:
+def choose_run_folder(args, ckpt: Optional[Dict] = None, held: Optional[run_folder.RunLock] = None
+                      ) -> run_folder.RunLock:
     """Claim the run folder (its ``run.lock``, see :mod:`training.run_folder`) before any set-up. ``--resume
     <run>/last.pth.tar`` of an unfinished run continues in ``<run>`` (:func:`training.checkpoint.continues_in_place`);
     anything else gets ``--output/--experiment`` (default ``<date>-<model>``), and a folder that holds another run
@@ -336,16 +337,9 @@ def choose_run_folder(args, ckpt: Optional[Dict] = None) -> run_folder.RunLock:
     if args.resume:
         if ckpt is None:
             ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
-        folder = continues_in_place(args.resume, ckpt)
-        if folder is not None and (not args.experiment or os.path.abspath(os.path.join(args.output, args.experiment))
-                                   == folder):
-            try:
-                return run_folder.claim_existing(folder)
-            except run_folder.RunFolderBusy as e:
-                raise cli.UsageError(f"--resume: {e}") from None
-        _logger.info("--resume %s: not the last.pth.tar of an unfinished run folder; this run starts a new run "
-                     "folder and leaves %s as it is", args.resume, os.path.dirname(os.path.abspath(args.resume)))
-        args.resumed_from = os.path.abspath(args.resume)  # recorded in args.yaml and the checkpoints
+        lock = _resume_in_place(args, ckpt, held)
+        if lock is not None:
+            return lock
     if args.experiment:
         out = os.path.join(args.output, args.experiment)
     else:
@@ -355,20 +349,80 @@ def choose_run_folder(args, ckpt: Optional[Dict] = None) -> run_folder.RunLock:
     return run_folder.claim_new(out, _holds_run)
 
 
+def _recover_resumed_folder(path: str) -> Optional[run_folder.RunLock]:
+    """When ``path`` is ``<run>/last.pth.tar`` and ``<run>`` was killed during a save, lock ``<run>`` and bring it to
+    its last committed epoch-end save (:func:`training.checkpoint.recover_run_folder`) before the file is read;
+    returns that lock, or None (nothing to recover, or a live run holds the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) != LAST_NAME or not is_run_folder(folder):
+        return None
+    if not recover_run_folder(folder, dry_run=True):
+        return None
+    lock = run_folder.try_lock(folder)
+    if lock is not None:
+        try:
+            recover_run_folder(folder)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
+def _resume_in_place(args, ckpt: Dict, held: Optional[run_folder.RunLock]) -> Optional[run_folder.RunLock]:
+    """The lock of the run folder ``--resume`` continues in (``held``: taken while recovering it), or None when this
+    run starts a new run folder (then ``args.resumed_from`` records the file and ``held`` is released)."""
+    folder = continues_in_place(args.resume, ckpt)
+    if folder is not None and (not args.experiment or os.path.abspath(os.path.join(args.output, args.experiment))
+                               == folder):
+        if held is not None:
+            return held
+        try:
+            return run_folder.claim_existing(folder)
+        except run_folder.RunFolderBusy as e:
+            raise cli.UsageError(f"--resume: {e}") from None
+    if held is not None:
+        held.release()
+    _logger.info("--resume %s: not the last.pth.tar of an unfinished run folder; this run starts a new run "
+                 "folder and leaves %s as it is", args.resume, os.path.dirname(os.path.abspath(args.resume)))
+    args.resumed_from = os.path.abspath(args.resume)  # recorded in args.yaml and the checkpoints
+    return None
+
+
+def _read_resume(args, rt: runtime.Runtime) -> Tuple[Optional[Dict], Optional[run_folder.RunLock]]:
+    """The --resume checkpoint (None without --resume) and, on rank 0, the lock of its run folder when it was
+    killed during a save and has just been brought to its last committed epoch; every rank reads the file after
+    that recovery, and a finished run stops every rank here, before anything is written."""
+    if not args.resume:
+        return None, None
+    held = _recover_resumed_folder(args.resume) if rt.primary else None
+    try:
+        if rt.distributed:
+            rt.barrier()  # the other ranks read the file once rank 0 has completed an interrupted save
+        if not os.path.isfile(args.resume):
+            raise cli.UsageError(f"--resume: checkpoint not found: {os.path.abspath(args.resume)}")
+        ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
+        check_not_finished(args, ckpt)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    return ckpt, held
+
+
 def prepare_output(args, rt: runtime.Runtime) -> Tuple[str, Optional[run_folder.RunLock]]:
     """Check every output path before the work starts (run folder, demo folder); rank 0 claims the run folder and
     holds its lock (returned; None on the other ranks), the others are told the folder."""
-    if args.resume and not os.path.isfile(args.resume):
-        raise cli.UsageError(f"--resume: checkpoint not found: {os.path.abspath(args.resume)}")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise cli.UsageError(f"--initial-checkpoint: file not found: {os.path.abspath(args.initial_checkpoint)}")
-    ckpt = None
-    if args.resume:  # every rank: a finished run stops all of them here
-        ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
-        check_not_finished(args, ckpt)
-    if args.data is None:
-        check_demo_root(args.demo_root)
-    lock = choose_run_folder(args, ckpt) if rt.primary else None
+    ckpt, held = _read_resume(args, rt)
+    try:
+        if args.data is None:
+            check_demo_root(args.demo_root)
+        lock = choose_run_folder(args, ckpt, held) if rt.primary else None
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
     ckpt = None
     out = [lock.folder if lock else None]
     try:

@@ -177,7 +177,7 @@ def train_step(p: TrainParts, images: torch.Tensor, target: torch.Tensor,
 class Trainer:
     """Runs the epochs of one run: training steps, evaluation (and EMA evaluation), BN sync, schedule, checkpoints
     (epoch-end last/best/top-k on rank 0; mid-epoch ``last`` every ``checkpoint_interval`` steps, after
-    ``stop_after_steps`` and when a stop signal arrives), the summary CSV and the progress lines.
+    ``stop_after_steps`` and when a stop signal arrives), the summary rows and the progress lines.
 
     ``meta`` holds the checkpoint fields that do not change during the run (arch, args, classes, data config,
     run signature); ``saver``/``runlog`` are None on ranks other than 0."""
@@ -215,6 +215,19 @@ class Trainer:
         st.update(train_state=self.progress.train_state(), rng_state=rng)
         self.saver.save_last(st)
         _logger.info("saved %s (epoch %d, step %d%s)", self.saver.last_path, epoch, step, why)
+
+    def save_epoch_end(self, epoch: int, metrics: Optional[Dict], row: Dict) -> None:
+        """The epoch-end save, one transaction (last, best, top-k, the summary row; see CheckpointSaver);
+        ``metrics`` None: an epoch without a metric (never a best)."""
+        rng = gather_rng(self.rt)  # collective: every rank takes part
+        if self.saver is None:
+            return
+        st = self.state(epoch, 0, metrics)
+        st["rng_state"] = rng
+        self.saver.save_epoch(st, epoch, metrics[self.plan.eval_metric] if metrics else None, row)
+        if metrics is None:
+            _logger.info("saved %s (epoch %d, evaluation failed)", self.saver.last_path, epoch)
+        self.runlog.epoch(row)
 
     # ----------------------------------------------------------------------------------------------- epochs
     def fit(self, start_epoch: int = 0, start_step: int = 0, train_state: Optional[Dict] = None) -> Dict:
@@ -373,9 +386,7 @@ class Trainer:
         row = {"epoch": epoch, "train_loss": self.progress.loss_sum / max(self.progress.count, 1),
                "eval_error": "0 images evaluated", "eval_skipped": ev["skipped"],
                "lr": self.p.optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - ep_t0, 2)}
-        self.save_last(epoch, 0, ", evaluation failed")  # an epoch-end state: resume starts the next epoch
-        if self.runlog is not None:
-            self.runlog.epoch(row)
+        self.save_epoch_end(epoch, None, row)  # an epoch-end state without a metric: resume starts the next epoch
         self.history.append(row)
         return not (epoch + 1 < self.plan.epochs and self.stop.requested())
 
@@ -407,12 +418,7 @@ class Trainer:
                      f" | EMA top-1 {ev_ema['top1']:.3f}" if ev_ema is not None else "",
                      f" | {ev['skipped']} unreadable val image(s) skipped" if ev["skipped"] else "",
                      row["epoch_time_s"])
-        rng = gather_rng(self.rt)
-        if self.saver is not None:
-            st = self.state(epoch, 0, {k: metrics[k] for k in ("loss", "top1", "top5")})
-            st["rng_state"] = rng
-            self.saver.save_epoch(st, epoch, metrics[plan.eval_metric])
-            self.runlog.epoch(row)
+        self.save_epoch_end(epoch, {k: metrics[k] for k in ("loss", "top1", "top5")}, row)
         self.history.append(row)
         more = epoch + 1 < plan.epochs
         return not (more and (self.stop.requested() or

@@ -42,13 +42,12 @@ def fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str, content: Content) -> str:
-    """Write ``content`` to ``path`` so that readers see either the old file or the complete new one.
+def write_temp(path: str, content: Content) -> str:
+    """Write ``content`` to a new temporary file next to ``path`` (``.<name>.<random>.tmp``, so ``os.replace`` onto
+    ``path`` is atomic), fsynced, with the mode ``path`` will have (:func:`file_mode_for`); return its path.
 
     ``content`` is text, bytes, or a function that writes the file at the temporary path it is given. The temporary
-    file lives in the same folder (so ``os.replace`` is atomic), is fsynced before the replace, and is removed when
-    anything fails; the folder entry is fsynced after. The file's mode is the replaced file's, or follows the umask
-    (:func:`file_mode_for`). Returns ``path``."""
+    file is removed when anything fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     mode = file_mode_for(path)
@@ -64,16 +63,39 @@ def atomic_write(path: str, content: Content) -> str:
                 fd = -1
                 f.write(content.encode() if isinstance(content, str) else content)
         fsync_file(tmp)
-        os.replace(tmp, path)
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        remove_quietly(tmp)
         raise
-    fsync_dir(folder)
+    return tmp
+
+
+def is_temp_of(name: str, target: str) -> bool:
+    """True when file name ``name`` is a temporary file :func:`write_temp` made for the file named ``target``."""
+    return name.startswith("." + target + ".") and name.endswith(TMP_SUFFIX) and "/" not in name
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str, content: Content) -> str:
+    """Write ``content`` to ``path`` so that readers see either the old file or the complete new one.
+
+    :func:`write_temp`, then ``os.replace`` onto ``path`` (the temporary file is removed when that fails) and an fsync
+    of the folder entry. The file's mode is the replaced file's, or follows the umask (:func:`file_mode_for`).
+    Returns ``path``."""
+    tmp = write_temp(path, content)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import os
 import random
@@ -15,8 +13,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from .io import atomic_write
 
 _logger = logging.getLogger("train")
 LOGGER_NAMES = ("train", "ddf", "validate")
@@ -315,10 +311,10 @@ class GracefulStop:
 
 # -------------------------------------------------------------------------------------------------- run log
 class RunLog:
-    """Per-epoch summary.csv (kept across resumes, written atomically) and TensorBoard scalars; rank 0 only."""
+    """TensorBoard scalars of the run (per step and per epoch); rank 0 only. summary.csv is part of the epoch-end
+    save (:class:`training.checkpoint.CheckpointSaver`)."""
 
     def __init__(self, out_dir: str, tensorboard: bool = True):
-        self.csv_path = os.path.join(out_dir, "summary.csv")
         self.tb = None
         if tensorboard:
             try:
@@ -328,16 +324,6 @@ class RunLog:
                 _logger.warning("TensorBoard logging disabled: %s", e)
 
     def epoch(self, row: Dict) -> None:
-        rows: List[Dict] = []
-        if os.path.isfile(self.csv_path):  # drop a row of the same epoch written before an interruption/resume
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("epoch") != str(row["epoch"])]
-        rows.append(dict(row))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # every row's columns
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(self.csv_path, buf.getvalue())
         if self.tb is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
