@@ -88,12 +88,13 @@ def _signature(v: Variant):
     fn = _KERNELS[v.kernel]
     acc = "fp64" if v.dtype == "fp64" else "fp32"
     sig, const = {}, {}
+    typed = {p.name: p.annotation_type for p in fn.params}  # e.g. gain: tl.float64, typed so by the JIT too
     for name in fn.arg_names:
         if name.endswith("_ptr"):
             sig[name] = "*" + (acc if name == "gch_part_ptr" or (v.kernel == "bwd_input" and name == "sp_ptr"
                                                                 and v.norm) else v.dtype)
-        elif name == "gain":
-            sig[name] = "fp32"
+        elif typed.get(name):
+            sig[name] = typed[name]
         else:
             sig[name] = "i32"
     const.update(K=v.k, KK_PAD=triton.next_power_of_2(v.k * v.k), MUL=v.mul, ACC_F64=v.dtype == "fp64",

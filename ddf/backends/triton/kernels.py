@@ -7,6 +7,8 @@ view; no copies). Accumulation is in ``ACC`` (float32 for float16/bfloat16/float
 A tap that falls on the zero padding is masked out of the loads *and* of the filter product, so a non-finite filter
 value there contributes exactly 0. With ``NORM`` the raw k*k taps of a pixel are normalised in registers
 (FilterNorm, paper Eq. 3: gain * (sp - mean) / (unbiased std + EPS)); the normalised filter is never written.
+The gain is typed ``tl.float64`` in the signature (the JIT types a Python float fp32, which rounded an fp64 run's
+gain) and converted to ACC in the kernel.
 
 Bytes moved (n = B*C*Ho*Wo output values, m = B*head*k*k*Ho*Wo spatial-filter values, e = element size;
 minimum = what any implementation must read and write once):
@@ -88,7 +90,7 @@ def _load_channel(ch_ptr, ch_base, c, cmask, j, scc, sck, scl, K: tl.constexpr, 
 
 @triton.jit
 def ddf_fwd_kernel(x_ptr, ch_ptr, sp_ptr, out_ptr,
-                   H, W, Ho, Wo, Cg, HEAD, DIL, STRIDE, gain,
+                   H, W, Ho, Wo, Cg, HEAD, DIL, STRIDE, gain: tl.float64,
                    sxb, sxc, sxh, sxw, scb, scc, sck, scl, ssb, ssc, ssh, ssw, sob, soc, soh, sow,
                    K: tl.constexpr, KK_PAD: tl.constexpr, MUL: tl.constexpr, NORM: tl.constexpr,
                    ACC_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr):
@@ -108,7 +110,7 @@ def ddf_fwd_kernel(x_ptr, ch_ptr, sp_ptr, out_ptr,
     oy, ox, iy, ix, valid = _out_taps(p, j, Ho, Wo, H, W, K, DIL, STRIDE)
     sp = _load_spatial(sp_ptr, b * ssb, h, j, oy, ox, pmask, ssc, ssh, ssw, K, ACC)
     if NORM:
-        sp = _filter_norm(sp, j, gain, K, 1e-10)
+        sp = _filter_norm(sp, j, tl.full((), gain, ACC), K, 1e-10)
     x_pix = iy * sxh + ix * sxw
     c_first = h * Cg + pid_c * (BLOCK_C * CB)
     c_stop = tl.minimum(h * Cg + Cg, c_first + BLOCK_C * CB)
@@ -131,7 +133,7 @@ def ddf_fwd_kernel(x_ptr, ch_ptr, sp_ptr, out_ptr,
 
 @triton.jit
 def ddf_bwd_filters_kernel(go_ptr, x_ptr, ch_ptr, sp_ptr, gsp_ptr, gch_part_ptr,
-                           C, H, W, Ho, Wo, Cg, HEAD, DIL, STRIDE, gain,
+                           C, H, W, Ho, Wo, Cg, HEAD, DIL, STRIDE, gain: tl.float64,
                            sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, scb, scc, sck, scl, ssb, ssc, ssh, ssw,
                            stb, stc, sth, stw, B,
                            K: tl.constexpr, KK_PAD: tl.constexpr, MUL: tl.constexpr, NORM: tl.constexpr,
@@ -153,8 +155,9 @@ def ddf_bwd_filters_kernel(go_ptr, x_ptr, ch_ptr, sp_ptr, gsp_ptr, gch_part_ptr,
     oy, ox, iy, ix, valid = _out_taps(p, j, Ho, Wo, H, W, K, DIL, STRIDE)
     raw = _load_spatial(sp_ptr, b * ssb, h, j, oy, ox, pmask, ssc, ssh, ssw, K, ACC)
     sp = raw
+    gain_acc = tl.full((), gain, ACC)  # the fp64 argument at the accumulation precision
     if NORM:
-        sp = _filter_norm(raw, j, gain, K, 1e-10)
+        sp = _filter_norm(raw, j, gain_acc, K, 1e-10)
     sp = tl.where(valid, sp, 0.0)
     x_pix = iy * sxh + ix * sxw
     gsp = tl.zeros((KK_PAD, BLOCK_P), dtype=ACC)
@@ -180,7 +183,7 @@ def ddf_bwd_filters_kernel(go_ptr, x_ptr, ch_ptr, sp_ptr, gsp_ptr, gch_part_ptr,
         c0 += BLOCK_C
     gsp = tl.where(valid, gsp, 0.0)
     if NORM:
-        gsp = _filter_norm_backward(raw, gsp, j, gain, K, 1e-10)
+        gsp = _filter_norm_backward(raw, gsp, j, gain_acc, K, 1e-10)
     t_offs = b * stb + (h * K * K + j)[:, None] * stc + oy[None, :] * sth + ox[None, :] * stw
     tl.store(gsp_ptr + t_offs, gsp.to(gsp_ptr.dtype.element_ty), mask=jm[:, None] & pmask[None, :])
 

@@ -1,0 +1,127 @@
+"""The Triton launchers, checked without a GPU: the JIT's own signature for the launchers' real arguments (the
+FilterNorm gain reaches the kernels as fp64: issue 27 item 3, which the interpreter cannot show, since it keeps a
+Python float in fp64 anyway) and the device guard around every launch (item 6)."""
+import contextlib
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ddf.backends.triton import launch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# B, C, H, W, k, head: channels_last, stride 1 / dilation 1 (so HEAD-like ints are specialised as the JIT does)
+SHAPE = (2, 8, 7, 6, 3, 2)
+
+
+def _inputs(dtype, channels_last=False):
+    B, C, H, W, k, head = SHAPE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    ch = torch.randn(B, C, k, k, generator=g, dtype=torch.float64).to(dtype)
+    sp = torch.randn(B, head * k * k, H, W, generator=g, dtype=torch.float64).to(dtype)
+    go = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x, sp, go = (t.contiguous(memory_format=torch.channels_last) for t in (x, sp, go))
+    return go, x, ch, sp
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Record every launch (kernel, grid, args, kwargs) instead of running it; the plain kernels with one full
+    config are launched (the interpreter's path), on any machine."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, grid, args, kwargs))
+
+    monkeypatch.setattr(launch, "INTERPRET", True)
+    monkeypatch.setattr(launch, "_launcher", Recorder)
+    return calls
+
+
+def _run_launchers(dtype, channels_last=False, gain=0.1):
+    go, x, ch, sp = _inputs(dtype, channels_last)
+    k, head = SHAPE[4:]
+    launch.forward(x, ch, sp, k, 1, 1, head, 0, True, gain)
+    launch.backward(go, x, ch, sp, k, 1, 1, head, 0, True, gain)
+
+
+def jit_signature(kernel, args, kwargs, arch=90):
+    """{argument: type} as ``JITFunction.run`` specialises the arguments (its binder, CUDA backend of ``arch``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreter: the same source
+    binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", arch, 32)))
+    _, specialization, _ = binder(*args, **kwargs)
+    return dict(zip(jit.arg_names, (s[0] for s in specialization)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_gain_reaches_the_kernels_as_fp64(launches, dtype, channels_last):
+    """Old main: a Python float is specialised 'fp32' by the JIT, so an fp64 FilterNorm was rounded to fp32 on a
+    GPU (forward error 1e-15 -> 1e-7). The kernels now type ``gain: tl.float64`` and convert it to ACC."""
+    _run_launchers(dtype, channels_last)
+    names = [c[0].fn.__name__ for c in launches]
+    assert names == ["ddf_fwd_kernel", "ddf_bwd_filters_kernel", "ddf_bwd_input_kernel"], names
+    ptr = {torch.float64: "*fp64", torch.float32: "*fp32", torch.float16: "*fp16"}[dtype]
+    for kernel, grid, args, kwargs in launches[:2]:
+        sig = jit_signature(kernel, args, kwargs)
+        assert sig["x_ptr"] == ptr, sig
+        assert sig["gain"] == "fp64", (kernel.fn.__name__, sig["gain"])
+        assert args[kernel.arg_names.index("gain")] == 0.1
+
+
+def test_fp64_kernels_compile_the_gain_as_f64():
+    """The AOT path with the launchers' real arguments (as ``JITFunction.run`` compiles them, sm_80): the fp64
+    FilterNorm kernels take an ``.f64`` gain parameter and never round through fp32; the fp32 forward converts it
+    once. Compiled kernels, not the interpreter: a subprocess."""
+    code = r"""
+import re, sys, torch, triton
+sys.path.insert(0, "tests")
+import test_triton_launch as t
+from ddf.backends.triton import launch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+calls = []
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+launch.INTERPRET, launch._launcher = True, Recorder
+for dtype in (torch.float64, torch.float32):
+    calls.clear()
+    t._run_launchers(dtype)
+    for kernel, args, kwargs in calls[:2 if dtype == torch.float64 else 1]:
+        target = GPUTarget("cuda", 80, 32)
+        binder = triton.runtime.jit.create_function_from_signature(
+            kernel.signature, kernel.params, triton.compiler.compiler.make_backend(target))
+        bound, spec, _ = binder(*args, **kwargs)
+        _, sig, constexprs, attrs = kernel._pack_args(
+            triton.compiler.compiler.make_backend(target), {}, bound, spec, None)
+        ptx = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=target).asm["ptx"]
+        at = kernel.arg_names.index("gain")
+        i = at - sum(1 for s in spec[:at] if s[0] == "constexpr")  # constexprs are no PTX parameters
+        param = re.search(r"\.param \.(\w+) \w+_param_%d\b" % i, ptx).group(1)
+        to_f32 = len(re.findall(r"cvt\.rn\.f32\.f64", ptx))
+        print(kernel.fn.__name__, dtype, param, to_f32)
+        assert param == "f64", param
+        assert to_f32 == (0 if dtype == torch.float64 else 1), to_f32
+print("GAIN_F64_OK")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "GAIN_F64_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
