@@ -12,6 +12,10 @@ from ddf.reference import spatial_filter_norm
 CPU = torch.device("cpu")
 KERNEL_BACKENDS = ["cpp"] + (["triton"] if backends.can_run_triton(CPU)[0] else [])
 ALL_BACKENDS = KERNEL_BACKENDS + ["reference"]
+# the device axis (as in test_op.py): "triton-cuda" runs Triton's compiled kernels on CUDA tensors
+TRITON_CUDA = pytest.param("triton-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="no CUDA device"))
+DEVICE_BACKENDS = ALL_BACKENDS + [TRITON_CUDA]
 # B, C, H, W, k, d, s, head, combine, channels_last
 SWEEP = [
     (2, 4, 8, 9, 3, 1, 1, 1, "mul", False),
@@ -37,24 +41,31 @@ def _inputs(cfg, dtype, seed=0):
 
 
 def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1.0)).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+def _backend_device(backend):
+    return ("triton", torch.device("cuda")) if backend == "triton-cuda" else (backend, CPU)
 
 
 def _run(backend, cfg, tensors, fused, gain=0.6):
     B, C, H, W, k, d, s, head, combine, cl = cfg
-    leaves = [t.clone().requires_grad_() for t in tensors]
+    backend, device = _backend_device(backend)
+    leaves = [t.to(device, copy=True).requires_grad_() for t in tensors]  # keeps each layout
     with ddf.use_backend(backend):
         if fused:
             out = ddf.ddf(*leaves, k, d, s, head, combine, spatial_norm=True, spatial_gain=gain)
         else:
             sp = spatial_filter_norm(leaves[2], head, k, gain)
             out = ddf.ddf(leaves[0], leaves[1], sp, k, d, s, head, combine)
-        go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(device,
+                                                                                                        out.dtype)
         out.backward(go)
     return [out] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("cfg", SWEEP)
 def test_fused_equals_filter_norm_then_op_fp64(backend, cfg):
     tensors = _inputs(cfg, torch.float64, seed=sum(cfg[:8]))
@@ -67,7 +78,7 @@ def test_fused_equals_filter_norm_then_op_fp64(backend, cfg):
     assert fused[0].is_contiguous(memory_format=fmt) and fused[3].is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + [TRITON_CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_low_precision(backend, dtype):
     for cfg in SWEEP[:4]:
@@ -79,14 +90,15 @@ def test_fused_low_precision(backend, dtype):
             assert _rel(a, b) <= TOL[dtype], (name, backend, dtype, cfg, _rel(a, b))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 def test_fused_gradcheck_fp64(backend):
     cfg = (1, 4, 5, 6, 3, 2, 2, 2, "mul", True)
-    leaves = tuple(t.requires_grad_() for t in _inputs(cfg, torch.float64, seed=9))
+    backend, device = _backend_device(backend)
+    leaves = tuple(t.to(device).requires_grad_() for t in _inputs(cfg, torch.float64, seed=9))
     with ddf.use_backend(backend):
         assert torch.autograd.gradcheck(
             lambda a, b, c: ddf.ddf(a, b, c, 3, 2, 2, 2, "mul", spatial_norm=True, spatial_gain=0.5), leaves,
-            fast_mode=backend == "triton")
+            fast_mode=backend == "triton" and device.type == "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

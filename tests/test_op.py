@@ -20,7 +20,17 @@ CPU = torch.device("cpu")
 # kernels that run on CPU tensors here; Triton only under its interpreter (tests/conftest.py sets TRITON_INTERPRET)
 KERNEL_BACKENDS = ["cpp"] + (["triton"] if backends.can_run_triton(CPU)[0] else [])
 ALL_BACKENDS = KERNEL_BACKENDS + ["reference"]
+# The device axis of the comparisons against the reference: "triton-cuda" runs Triton's compiled kernels on CUDA
+# tensors (fp32 sqrt/div are approximate there: GPU_TOL); the other entries run on CPU tensors.
+TRITON_CUDA = pytest.param("triton-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="no CUDA device"))
+DEVICE_BACKENDS = ALL_BACKENDS + [TRITON_CUDA]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def backend_device(backend):
+    """(backend, device) of a DEVICE_BACKENDS entry: 'triton-cuda' is the triton backend on CUDA tensors."""
+    return ("triton", torch.device("cuda")) if backend == "triton-cuda" else (backend, CPU)
 
 
 def make_inputs(B, C, H, W, k, s, head, dtype=torch.float64, seed=0, channels_last=False):
@@ -55,7 +65,7 @@ def naive_ddf(x, ch, sp, k, d, s, head, combine):
 
 
 def max_rel_err(a, ref):
-    a, ref = a.double(), ref.double()
+    a, ref = a.double().cpu(), ref.double().cpu()
     return ((a - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
 
 
@@ -99,21 +109,23 @@ RANDOM_CONFIGS = [
 
 def _compare(cfg, dtype, channels_last, tol, backend="cpp", sp_channels_last=None):
     B, C, H, W, k, d, s, head, combine = cfg
+    backend, device = backend_device(backend)
     x, ch, sp = make_inputs(B, C, H, W, k, s, head, dtype=dtype, seed=sum(cfg[:8]), channels_last=channels_last)
     if sp_channels_last is not None:  # mixed layouts: the spatial filter in the other layout than the input
         sp = sp.contiguous(memory_format=torch.channels_last if sp_channels_last else torch.contiguous_format)
+    x, ch, sp = (t.to(device) for t in (x, ch, sp))  # keeps each layout
     with ddf.use_backend(backend):
         out = torch.ops.ddf.ddf_forward(x, ch, sp, k, d, s, head, COMB[combine])
-        go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
+        go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device, dtype)
         grads = torch.ops.ddf.ddf_backward(go, x, ch, sp, k, d, s, head, COMB[combine])
     assert out.dtype == dtype
     fmt = torch.channels_last if channels_last and C > 1 else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
-    # ground truth in float64 from the same (rounded) inputs
-    x64, ch64, sp64 = x.double(), ch.double(), sp.double()
+    # ground truth in float64 from the same (rounded) inputs, on CPU
+    x64, ch64, sp64 = x.double().cpu(), ch.double().cpu(), sp.double().cpu()
     ref = ddf_reference(x64, ch64, sp64, k, d, s, head, combine)
     assert max_rel_err(out, ref) <= tol, (cfg, dtype, max_rel_err(out, ref))
-    refs = ddf_reference_backward(go.double(), x64, ch64, sp64, k, d, s, head, combine)
+    refs = ddf_reference_backward(go.double().cpu(), x64, ch64, sp64, k, d, s, head, combine)
     for name, g, r in zip(("grad_input", "grad_channel", "grad_spatial"), grads, refs):
         assert g.dtype == dtype and g.shape == r.shape
         assert max_rel_err(g, r) <= tol, (name, cfg, dtype, max_rel_err(g, r))
@@ -121,14 +133,14 @@ def _compare(cfg, dtype, channels_last, tol, backend="cpp", sp_channels_last=Non
     assert grads[2].is_contiguous(memory_format=ddf._checks.memory_format_of(sp))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backend_matches_reference_fp64(backend, cfg, channels_last):
     _compare(cfg, torch.float64, channels_last, 1e-10, backend)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("input_cl,sp_cl", [(False, True), (True, False)])
 def test_mixed_layouts_forward_and_backward(backend, input_cl, sp_cl):
     for cfg in (RANDOM_CONFIGS[3], RANDOM_CONFIGS[7]):
@@ -232,15 +244,18 @@ def test_cpp_kernels_use_torch_threads():
 # tolerances: ~2x the largest error of the float32-accumulating C++ kernels on these sweeps (measured 2026-11-24:
 # float32 2.3e-7, float16 4.2e-4, bfloat16 3.2e-3 relative to max |ref|)
 LOW_PRECISION_TOL = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# compiled Triton on a GPU: fp32 sqrt/div approximate (~1e-6 relative), FMA contraction; half types as on CPU
+GPU_TOL = {**LOW_PRECISION_TOL, torch.float32: 2e-6}
 LOW_PRECISION_CONFIGS = RANDOM_CONFIGS[1:6] + [(1, 4, 32, 33, 7, 1, 1, 2, "mul"), (1, 8, 40, 36, 7, 2, 2, 1, "add")]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION_TOL))
 def test_backend_matches_reference_low_precision(backend, dtype, channels_last):
+    tol = (GPU_TOL if backend_device(backend)[1].type == "cuda" else LOW_PRECISION_TOL)[dtype]
     for cfg in LOW_PRECISION_CONFIGS:
-        _compare(cfg, dtype, channels_last, LOW_PRECISION_TOL[dtype], backend)
+        _compare(cfg, dtype, channels_last, tol, backend)
 
 
 def test_autograd_through_public_api():
@@ -261,11 +276,12 @@ def test_autograd_through_public_api():
     assert xg.grad is not None
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 def test_gradcheck_fp64_small(backend):
+    backend, device = backend_device(backend)
     for combine, cl in (("mul", False), ("add", True)):
         x, ch, sp = make_inputs(1, 4, 5, 4, 3, 2, 2, seed=11, channels_last=cl)
-        leaves = tuple(t.clone().requires_grad_() for t in (x, ch, sp))
+        leaves = tuple(t.to(device, copy=True).requires_grad_() for t in (x, ch, sp))
         with ddf.use_backend(backend):
             assert torch.autograd.gradcheck(
                 lambda a, b, c: torch.ops.ddf.ddf_forward(a, b, c, 3, 1, 2, 2, COMB[combine]), leaves)
@@ -304,7 +320,7 @@ def test_double_backward_matches_reference(backend, combine, spatial_norm):
 # Triton's interpreter evaluates the filter product with numpy on every lane, masked ones included, before the
 # mask selects 0 (Inf * 0 there warns; the result is checked below)
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_non_finite_filter_on_padded_tap_is_skipped(backend, stride, channels_last):
@@ -315,10 +331,12 @@ def test_non_finite_filter_on_padded_tap_is_skipped(backend, stride, channels_la
     sp[0, 0, 0, :] = float("inf")  # tap (jy=0, jx=0) of head 0 is on the padding for the whole first row
     sp[0, 9 + 2, :, -1] = float("nan")  # tap (jy=0, jx=2) of head 1 is on the padding for the last column
     sp[0, 9 + 3, :, 0] = float("-inf")  # tap (jy=1, jx=0) of head 1 is on the padding for the first column
-    leaves = [t.clone().requires_grad_() for t in (x, ch, sp)]
+    backend, device = backend_device(backend)
+    leaves = [t.to(device, copy=True).requires_grad_() for t in (x, ch, sp)]
     with ddf.use_backend(backend):
         out = ddf.ddf(*leaves, 3, 1, stride, 2, "mul")
         out.backward(torch.ones_like(out))
+    out = out.cpu()
     assert torch.isfinite(out).all()
     finite_sp = torch.where(torch.isfinite(sp), sp, torch.zeros_like(sp))
     assert torch.allclose(out, ddf_reference(x, ch, finite_sp, 3, 1, stride, 2, "mul"), atol=1e-12)
@@ -328,16 +346,17 @@ def test_non_finite_filter_on_padded_tap_is_skipped(backend, stride, channels_la
     assert leaves[2].grad[0, 9 + 3, :, 0].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 4, 5, 5), (2, 0, 5, 5), (2, 4, 0, 5), (2, 4, 5, 0), (1, 2, 0, 0)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_empty_tensors(backend, shape, stride):
+    backend, device = backend_device(backend)
     B, C, H, W = shape
     Ho, Wo = ddf._checks.out_size(H, stride), ddf._checks.out_size(W, stride)
     assert (Ho == 0) == (H == 0) and (Wo == 0) == (W == 0)
-    x = torch.randn(B, C, H, W, requires_grad=True)
-    ch = torch.randn(B, C, 3, 3, requires_grad=True)
-    sp = torch.randn(B, 2 * 9 if C % 2 == 0 else 9, Ho, Wo, requires_grad=True)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    ch = torch.randn(B, C, 3, 3, device=device, requires_grad=True)
+    sp = torch.randn(B, 2 * 9 if C % 2 == 0 else 9, Ho, Wo, device=device, requires_grad=True)
     head = sp.shape[1] // 9
     with ddf.use_backend(backend):
         out = ddf.ddf(x, ch, sp, 3, 1, stride, head, "mul")

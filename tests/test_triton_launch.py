@@ -125,3 +125,83 @@ print("GAIN_F64_OK")
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "GAIN_F64_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ device guard
+class _RecordingCudaDevice:
+    """Stands in for ``torch.cuda.device``: records the index it was entered with."""
+    entered = []
+
+    def __init__(self, device):
+        self.index = torch.device(device).index
+
+    def __enter__(self):
+        self.entered.append(self.index)
+
+    def __exit__(self, *exc):
+        self.entered.append("exit")
+
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    """A real cuda:1 tensor (stood in for: no GPU here) is launched under torch.cuda.device(1), whatever the current
+    device; CPU tensors and fake CUDA tensors (tracing) get a no-op that never touches torch.cuda."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(_RecordingCudaDevice, "entered", [])
+    monkeypatch.setattr(torch.cuda, "device", _RecordingCudaDevice)
+    with launch.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert _RecordingCudaDevice.entered == [1, "exit"]
+
+    def no_cuda(device):
+        raise AssertionError(f"torch.cuda.device({device}) entered")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, device="cuda:1")
+    assert isinstance(launch.device_guard(fake), contextlib.nullcontext)
+    assert isinstance(launch.device_guard(torch.empty(2)), contextlib.nullcontext)
+
+
+def test_every_launch_is_inside_the_device_guard(launches, monkeypatch):
+    """Old main launched on the current device (no guard at all). Each of the three launches (forward, backward
+    passes 1 and 2) happens inside ``device_guard(first tensor argument)``."""
+    state = {"inside": None}
+    guarded = []
+
+    @contextlib.contextmanager
+    def guard(tensor):
+        guarded.append(tensor)
+        state["inside"] = tensor.device
+        try:
+            yield
+        finally:
+            state["inside"] = None
+
+    monkeypatch.setattr(launch, "device_guard", guard)
+    real_launcher = launch._launcher
+
+    class Checking:
+        def __init__(self, kernel):
+            self.inner = real_launcher(kernel)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                assert state["inside"] == args[0].device, "a launch outside the device guard"
+                self.inner[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(launch, "_launcher", Checking)
+    _run_launchers(torch.float32, channels_last=True)
+    assert len(launches) == 3 and len(guarded) == 3
+    assert [g is c[2][0] for g, c in zip(guarded, launches)] == [True] * 3
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="the kernels run here only under Triton's interpreter")
+def test_device_guard_is_a_no_op_in_the_interpreter(monkeypatch):
+    """Real interpreted launches on CPU tensors never enter torch.cuda.device (a CUDA call would fail here)."""
+    def no_cuda(device):
+        raise AssertionError(f"torch.cuda.device({device}) entered")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    _run_launchers(torch.float64)

@@ -5,20 +5,24 @@ per head, output size, k, dtype); under Triton's interpreter (CPU tensors) one l
 interpreter's cost grows with the number of program instances. Pass 1 of the backward uses fixed block sizes
 (its grad_channel partial buffer is sized by the pixel block). Kernels are launched through ``wrap_triton`` so that
 ``torch.compile`` sees them inside the op; under the interpreter they are called directly (see :func:`_launcher`).
+Triton launches on the *current* CUDA device and stream, so every launch (:func:`_launch`) is made inside
+:func:`device_guard` (the tensors' device).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ... import _checks
 from ...reference import spatial_filter_norm
 from .kernels import ddf_bwd_filters_kernel, ddf_bwd_input_kernel, ddf_fwd_kernel
 
-__all__ = ["forward", "backward", "INTERPRET", "tile_configs", "interpreter_config", "filters_config"]
+__all__ = ["forward", "backward", "INTERPRET", "tile_configs", "interpreter_config", "filters_config", "device_guard"]
 
 #: triton.jit read TRITON_INTERPRET when the kernels were decorated (import time of .kernels)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,6 +85,15 @@ def _meta(input, kernel_size, combine):
                 ACC_F64=input.dtype == torch.float64)
 
 
+def device_guard(tensor):
+    """``torch.cuda.device(tensor.device)`` for a real CUDA tensor (a ``cuda:1`` input launches on device 1 while
+    the current device is 0); a no-op for CPU tensors (the interpreter) and for fake tensors (tracing launches
+    nothing, and a machine without a GPU must still trace)."""
+    if tensor.device.type != "cuda" or is_fake(tensor):
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
 def _launcher(kernel):
     """``wrap_triton(kernel)`` on a GPU; the kernel itself under Triton's interpreter, where the launchers already run
     inside opaque ops (see ``__init__``) and the interpreter's kernel objects differ across triton versions (triton
@@ -88,17 +101,23 @@ def _launcher(kernel):
     return kernel if INTERPRET else wrap_triton(kernel)
 
 
+def _launch(kernel, grid, args, kwargs):
+    """Every kernel launch: on the device of the first tensor argument (see :func:`device_guard`)."""
+    with device_guard(args[0]):
+        _launcher(kernel)[grid](*args, **kwargs)
+
+
 def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
     """Launch a forward-style kernel: autotuned on a GPU, one interpreter-sized config on CPU."""
     if INTERPRET:
         cfg = interpreter_config(channels, grid_pixels, kk_pad)
         grid = (triton.cdiv(grid_pixels, cfg["BLOCK_P"]), bh, triton.cdiv(channels, cfg["BLOCK_C"] * cfg["CB"]))
-        _launcher(plain)[grid](*args, **meta, **cfg)
+        _launch(plain, grid, args, dict(meta, **cfg))
     else:
         def grid(m):
             return (triton.cdiv(grid_pixels, m["BLOCK_P"]), bh, triton.cdiv(channels, m["BLOCK_C"] * m["CB"]))
 
-        _launcher(tuned)[grid](*args, **meta)
+        _launch(tuned, grid, args, meta)
 
 
 def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm,
@@ -128,10 +147,10 @@ def _filters_pass(grad_output, input, channel_filter, spatial_filter, gsp, kerne
     cfg = filters_config(meta["KK_PAD"], meta["ACC_F64"], C // head, Ho * Wo)
     n_pb = triton.cdiv(Ho * Wo, cfg["BLOCK_P"])
     part = torch.empty((n_pb, B, C, kernel_size * kernel_size), dtype=_acc_dtype(input.dtype), device=input.device)
-    _launcher(ddf_bwd_filters_kernel)[(n_pb, B * head)](
-        grad_output, input, channel_filter, spatial_filter, gsp, part, C, H, W, Ho, Wo, C // head, head, dilation,
-        stride, float(spatial_gain), *grad_output.stride(), *input.stride(), *channel_filter.stride(),
-        *spatial_filter.stride(), *gsp.stride(), B, **meta, **cfg)
+    args = (grad_output, input, channel_filter, spatial_filter, gsp, part, C, H, W, Ho, Wo, C // head, head,
+            dilation, stride, float(spatial_gain), *grad_output.stride(), *input.stride(), *channel_filter.stride(),
+            *spatial_filter.stride(), *gsp.stride(), B)
+    _launch(ddf_bwd_filters_kernel, (n_pb, B * head), args, dict(meta, **cfg))
     return part.sum(dim=0).reshape(B, C, kernel_size, kernel_size).to(input.dtype)
 
 
