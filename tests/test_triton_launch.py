@@ -205,3 +205,122 @@ def test_device_guard_is_a_no_op_in_the_interpreter(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", no_cuda)
     _run_launchers(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------- autotuning
+def _same(a, b):
+    return a.kwargs == b.kwargs and a.num_warps == b.num_warps
+
+
+@pytest.mark.parametrize("f64", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_tile_config_is_fixed_fits_and_is_what_the_aot_check_compiles(k, f64):
+    from ddf.backends.triton import compile_check
+
+    kk_pad = 1 << (k * k - 1).bit_length()
+    cfg = launch.tile_config(kk_pad, f64)
+    assert _same(cfg, launch.tile_config(kk_pad, f64))  # a function of (k, dtype) only: every rank, every run
+    assert any(_same(cfg, c) for c in launch.tile_configs())
+    assert launch._fits(cfg, kk_pad, f64) or not any(launch._fits(c, kk_pad, f64) for c in launch.tile_configs())
+    for kernel in ("fwd", "bwd_input"):
+        block_c, block_p, cb, warps = compile_check._configs(kernel, k, f64, False)[0]
+        assert cfg.kwargs == {"BLOCK_C": block_c, "BLOCK_P": block_p, "CB": cb} and cfg.num_warps == warps
+
+
+@pytest.mark.parametrize("kk_pad,f64", [(1, False), (16, False), (16, True), (64, False), (64, True)])
+def test_prune_configs_keeps_the_fitting_configs(kk_pad, f64):
+    """The autotuner's own prune_configs (with our early_config_prune): configs that fit, or the smallest one."""
+    tuned = launch._fwd_tuned
+    tuned.nargs = {}
+    kept = tuned.prune_configs({"KK_PAD": kk_pad, "ACC_F64": f64})
+    fitting = [c for c in launch.tile_configs() if launch._fits(c, kk_pad, f64)]
+    assert kept and all(launch._fits(c, kk_pad, f64) for c in kept) == bool(fitting)
+    assert [c.kwargs for c in kept] == ([c.kwargs for c in fitting] or [{"BLOCK_C": 1, "BLOCK_P": 32, "CB": 32}])
+
+
+def test_autotune_wanted_only_where_it_cannot_hurt(monkeypatch):
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
+    assert not launch.autotune_wanted(cuda)  # default: the fixed config
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    assert launch.autotune_wanted(cuda)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not launch.autotune_wanted(cuda)  # a CUDA-graph capture: no benchmark inside it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # what train.py --deterministic sets
+    try:
+        assert not launch.autotune_wanted(cuda)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert not launch.autotune_wanted(cuda)  # ranks could choose differently
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "yes")
+    with pytest.raises(ValueError, match="DDF_TRITON_AUTOTUNE must be 0 or 1"):
+        launch.autotune_wanted(cuda)
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """The launchers' GPU path (fixed config or autotuner), its kernels run by Triton's interpreter on CPU."""
+    if not launch.INTERPRET:
+        pytest.skip("the GPU launch path runs on CPU tensors only under Triton's interpreter")
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "_launcher", lambda kernel: kernel)
+    for tuned in (launch._fwd_tuned, launch._input_tuned):
+        monkeypatch.setattr(tuned, "cache", {})
+
+
+def _check_against_reference(dtype=torch.float64):
+    from ddf.reference import ddf_reference, ddf_reference_backward
+
+    go, x, ch, sp = _inputs(dtype, channels_last=True)
+    k, head = SHAPE[4:]
+    out = launch.forward(x, ch, sp, k, 1, 1, head, 0, True, 0.3)
+    grads = launch.backward(go, x, ch, sp, k, 1, 1, head, 0, True, 0.3)
+    d = [t.double() for t in (go, x, ch, sp)]
+    ref = ddf_reference(*d[1:], k, 1, 1, head, "mul", True, 0.3)
+    refs = ddf_reference_backward(*d, k, 1, 1, head, "mul", True, 0.3)
+    for got, want in zip([out, *grads], [ref, *refs]):
+        assert (got.double() - want).abs().max() <= 1e-10 * want.abs().max().clamp_min(1.0)
+
+
+def test_default_gpu_path_runs_the_fixed_config_unbenchmarked(gpu_path, monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    def no_bench(self, *args, **kwargs):
+        raise AssertionError("benchmarked")
+
+    monkeypatch.setattr(Autotuner, "_bench", no_bench)
+    monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
+    _check_against_reference()
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _check_against_reference()  # --deterministic pins the fixed config even when autotuning is asked for
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert not launch._fwd_tuned.cache and not launch._input_tuned.cache
+
+
+def test_autotuned_path_with_the_benchmark_mocked(gpu_path, monkeypatch):
+    """No test ran the autotuned path on old main (the interpreter runs the plain kernel). The autotuner's run: prunes,
+    'times' every kept config once per shape (mocked: the last one wins), caches the choice, launches it."""
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    timed = []
+    for tuned in (launch._fwd_tuned, launch._input_tuned):
+        def bench(*args, config, _tuned=tuned, **meta):
+            timed.append((_tuned, config))
+            return [float(-len(timed))]  # later configs are "faster"
+        monkeypatch.setattr(tuned, "_bench", bench)
+    _check_against_reference()
+    kk_pad, n_kept = 16, len([c for c in launch.tile_configs() if launch._fits(c, 16, True)])
+    assert n_kept > 1 and len(timed) == 2 * n_kept
+    for tuned in (launch._fwd_tuned, launch._input_tuned):
+        (key, chosen), = tuned.cache.items()
+        assert chosen is [c for t, c in timed if t is tuned][-1]
+    _check_against_reference()  # second call: cached, not timed again
+    assert len(timed) == 2 * n_kept

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import triton
 
 from . import kernels
-from .launch import _fits, gpu_filters_blocks, tile_configs
+from .launch import _prune, gpu_filters_blocks, tile_configs
 
 __all__ = ["Variant", "variants", "compile_variant", "run", "format_table"]
 
@@ -61,7 +61,7 @@ def _configs(kernel: str, k: int, f64: bool, all_configs: bool):
     if kernel == "bwd_filters":
         block_c, block_p = gpu_filters_blocks(kk_pad, f64)
         return [(block_c, block_p, 1, 4)]
-    kept = [c for c in tile_configs() if _fits(c, kk_pad, f64)]
+    kept = _prune(tile_configs(), {}, KK_PAD=kk_pad, ACC_F64=f64)  # the launcher's pruning: [0] is tile_config
     out = [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.kwargs["CB"], c.num_warps) for c in kept]
     return out if all_configs else out[:1]
 

@@ -1,8 +1,12 @@
 """Launchers of the Triton DDF kernels: output allocation (the op's layout rule), grids, block sizes.
 
-On a GPU the forward and grad_input kernels are autotuned per shape over a small config set (``key``: channels
-per head, output size, k, dtype); under Triton's interpreter (CPU tensors) one large-block config runs, because the
-interpreter's cost grows with the number of program instances. Pass 1 of the backward uses fixed block sizes
+On a GPU the forward and grad_input kernels launch with one config per (k, dtype), :func:`tile_config`: a
+deterministic choice, the same on every rank and run, with no benchmark (nothing synchronises inside a CUDA-graph
+capture), and the config that the AOT check compiles for each variant. ``DDF_TRITON_AUTOTUNE=1`` opts in to Triton's
+autotuner over :func:`tile_configs` (``key``: channels per head, output size, k, dtype; the first call per shape
+compiles and times every config), except where that could hurt a run (:func:`autotune_wanted`). Under Triton's
+interpreter (CPU tensors) one large-block config runs, because the interpreter's cost grows with the number of
+program instances. Pass 1 of the backward uses fixed block sizes
 (its grad_channel partial buffer is sized by the pixel block). Kernels are launched through ``wrap_triton`` so that
 ``torch.compile`` sees them inside the op; under the interpreter they are called directly (see :func:`_launcher`).
 Triton launches on the *current* CUDA device and stream, so every launch (:func:`_launch`) is made inside
@@ -22,10 +26,12 @@ from ... import _checks
 from ...reference import spatial_filter_norm
 from .kernels import ddf_bwd_filters_kernel, ddf_bwd_input_kernel, ddf_fwd_kernel
 
-__all__ = ["forward", "backward", "INTERPRET", "tile_configs", "interpreter_config", "filters_config", "device_guard"]
+__all__ = ["forward", "backward", "INTERPRET", "tile_configs", "tile_config", "autotune_wanted", "interpreter_config",
+           "filters_config", "device_guard", "AUTOTUNE_ENV"]
 
 #: triton.jit read TRITON_INTERPRET when the kernels were decorated (import time of .kernels)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE_ENV = "DDF_TRITON_AUTOTUNE"
 _TILE_BUDGET = 4096  # elements of a [BLOCK_C, KK_PAD, BLOCK_P] tile per program on a GPU (keeps registers unspilled)
 
 
@@ -54,6 +60,38 @@ _fwd_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_
     ddf_fwd_kernel)
 _input_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
     ddf_bwd_input_kernel)
+_fixed_tuners = {}
+
+
+def tile_config(kk_pad: int, f64: bool):
+    """The GPU config of the forward / grad_input kernels unless autotuning is wanted: the first of
+    :func:`tile_configs` that fits the register budget (compile_check's default variant of each dtype x layout)."""
+    return _prune(tile_configs(), {}, KK_PAD=kk_pad, ACC_F64=f64)[0]
+
+
+def _fixed(plain, kk_pad: int, f64: bool):
+    """``plain`` as a one-config autotuner with :func:`tile_config` (Triton runs a single config unbenchmarked):
+    the same path through ``wrap_triton`` and inductor as the autotuned launch, ``num_warps`` included."""
+    key = (plain.fn.__name__, kk_pad, f64)
+    if key not in _fixed_tuners:
+        _fixed_tuners[key] = triton.autotune([tile_config(kk_pad, f64)], key=[])(plain)
+    return _fixed_tuners[key]
+
+
+def autotune_wanted(tensor) -> bool:
+    """``DDF_TRITON_AUTOTUNE=1`` (default 0), but never under ``torch.use_deterministic_algorithms`` (``train.py
+    --deterministic``), in a multi-process run (ranks could pick different configs: different reduction orders) or
+    while the current stream captures a CUDA graph (the benchmark synchronises): :func:`tile_config` runs there."""
+    value = os.environ.get(AUTOTUNE_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {value!r}")
+    if value != "1" or torch.are_deterministic_algorithms_enabled():
+        return False
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False
+    real_cuda = tensor.device.type == "cuda" and not is_fake(tensor)
+    return not (real_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def interpreter_config(channels: int, pixels: int, kk_pad: int) -> dict:
@@ -108,7 +146,8 @@ def _launch(kernel, grid, args, kwargs):
 
 
 def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
-    """Launch a forward-style kernel: autotuned on a GPU, one interpreter-sized config on CPU."""
+    """Launch a forward-style kernel: :func:`tile_config` (or autotuned) on a GPU, one interpreter-sized config on
+    CPU."""
     if INTERPRET:
         cfg = interpreter_config(channels, grid_pixels, kk_pad)
         grid = (triton.cdiv(grid_pixels, cfg["BLOCK_P"]), bh, triton.cdiv(channels, cfg["BLOCK_C"] * cfg["CB"]))
@@ -117,7 +156,8 @@ def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
         def grid(m):
             return (triton.cdiv(grid_pixels, m["BLOCK_P"]), bh, triton.cdiv(channels, m["BLOCK_C"] * m["CB"]))
 
-        _launch(tuned, grid, args, meta)
+        kernel = tuned if autotune_wanted(args[0]) else _fixed(plain, kk_pad, meta["ACC_F64"])
+        _launch(kernel, grid, args, meta)
 
 
 def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, head, combine, spatial_norm,
