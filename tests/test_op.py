@@ -551,6 +551,9 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors():
     """For CUDA tensors the op body (triton_op) decomposes into the Triton kernel launches when AOTAutograd
     traces it (what torch.compile does), so inductor sees and schedules the kernels: traced here with fake CUDA
     tensors, no GPU needed (compiled kernels, not the interpreter, hence a subprocess)."""
+    import triton
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 3) and not torch.cuda.is_available():
+        pytest.skip(f"triton {triton.__version__} makes an Autotuner only with an active GPU driver (3.3+ without)")
     code = r"""
 import torch, ddf
 from torch._subclasses.fake_tensor import FakeTensorMode

@@ -230,7 +230,7 @@ def test_tile_config_is_fixed_fits_and_is_what_the_aot_check_compiles(k, f64):
 @pytest.mark.parametrize("kk_pad,f64", [(1, False), (16, False), (16, True), (64, False), (64, True)])
 def test_prune_configs_keeps_the_fitting_configs(kk_pad, f64):
     """The autotuner's own prune_configs (with our early_config_prune): configs that fit, or the smallest one."""
-    tuned = launch._fwd_tuned
+    tuned = launch._tuned(launch.ddf_fwd_kernel)
     tuned.nargs = {}
     kept = tuned.prune_configs({"KK_PAD": kk_pad, "ACC_F64": f64})
     fitting = [c for c in launch.tile_configs() if launch._fits(c, kk_pad, f64)]
@@ -269,7 +269,7 @@ def gpu_path(monkeypatch):
         pytest.skip("the GPU launch path runs on CPU tensors only under Triton's interpreter")
     monkeypatch.setattr(launch, "INTERPRET", False)
     monkeypatch.setattr(launch, "_launcher", lambda kernel: kernel)
-    for tuned in (launch._fwd_tuned, launch._input_tuned):
+    for tuned in (launch._tuned(launch.ddf_fwd_kernel), launch._tuned(launch.ddf_bwd_input_kernel)):
         monkeypatch.setattr(tuned, "cache", {})
 
 
@@ -303,7 +303,7 @@ def test_default_gpu_path_runs_the_fixed_config_unbenchmarked(gpu_path, monkeypa
         _check_against_reference()  # --deterministic pins the fixed config even when autotuning is asked for
     finally:
         torch.use_deterministic_algorithms(before)
-    assert not launch._fwd_tuned.cache and not launch._input_tuned.cache
+    assert not launch._tuned(launch.ddf_fwd_kernel).cache and not launch._tuned(launch.ddf_bwd_input_kernel).cache
 
 
 def test_autotuned_path_with_the_benchmark_mocked(gpu_path, monkeypatch):
@@ -311,7 +311,7 @@ def test_autotuned_path_with_the_benchmark_mocked(gpu_path, monkeypatch):
     'times' every kept config once per shape (mocked: the last one wins), caches the choice, launches it."""
     monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
     timed = []
-    for tuned in (launch._fwd_tuned, launch._input_tuned):
+    for tuned in (launch._tuned(launch.ddf_fwd_kernel), launch._tuned(launch.ddf_bwd_input_kernel)):
         def bench(*args, config, _tuned=tuned, **meta):
             timed.append((_tuned, config))
             return [float(-len(timed))]  # later configs are "faster"
@@ -319,7 +319,7 @@ def test_autotuned_path_with_the_benchmark_mocked(gpu_path, monkeypatch):
     _check_against_reference()
     kk_pad, n_kept = 16, len([c for c in launch.tile_configs() if launch._fits(c, 16, True)])
     assert n_kept > 1 and len(timed) == 2 * n_kept
-    for tuned in (launch._fwd_tuned, launch._input_tuned):
+    for tuned in (launch._tuned(launch.ddf_fwd_kernel), launch._tuned(launch.ddf_bwd_input_kernel)):
         (key, chosen), = tuned.cache.items()
         assert chosen is [c for t, c in timed if t is tuned][-1]
     _check_against_reference()  # second call: cached, not timed again

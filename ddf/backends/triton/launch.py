@@ -56,11 +56,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["Cg", "Ho", "Wo", "K", "ACC_F64", "MUL", "STRIDE"]
-_fwd_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    ddf_fwd_kernel)
-_input_tuned = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    ddf_bwd_input_kernel)
+_tuners = {}
 _fixed_tuners = {}
+
+
+def _tuned(plain):
+    """The autotuned form of a forward-style kernel, made on first use (never at import: before triton 3.3 an
+    ``Autotuner`` asks for the active GPU driver when it is made, which fails on a machine without one)."""
+    if plain not in _tuners:
+        _tuners[plain] = triton.autotune(tile_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+            plain)
+    return _tuners[plain]
 
 
 def tile_config(kk_pad: int, f64: bool):
@@ -145,7 +151,7 @@ def _launch(kernel, grid, args, kwargs):
         _launcher(kernel)[grid](*args, **kwargs)
 
 
-def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
+def _launch_tiled(plain, grid_pixels, bh, channels, kk_pad, args, meta):
     """Launch a forward-style kernel: :func:`tile_config` (or autotuned) on a GPU, one interpreter-sized config on
     CPU."""
     if INTERPRET:
@@ -156,7 +162,7 @@ def _launch_tiled(tuned, plain, grid_pixels, bh, channels, kk_pad, args, meta):
         def grid(m):
             return (triton.cdiv(grid_pixels, m["BLOCK_P"]), bh, triton.cdiv(channels, m["BLOCK_C"] * m["CB"]))
 
-        kernel = tuned if autotune_wanted(args[0]) else _fixed(plain, kk_pad, meta["ACC_F64"])
+        kernel = _tuned(plain) if autotune_wanted(args[0]) else _fixed(plain, kk_pad, meta["ACC_F64"])
         _launch(kernel, grid, args, meta)
 
 
@@ -170,7 +176,7 @@ def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride
     meta = dict(_meta(input, kernel_size, combine), NORM=bool(spatial_norm))
     args = (input, channel_filter, spatial_filter, out, H, W, Ho, Wo, C // head, head, dilation, stride,
             float(spatial_gain), *input.stride(), *channel_filter.stride(), *spatial_filter.stride(), *out.stride())
-    _launch_tiled(_fwd_tuned, ddf_fwd_kernel, Ho * Wo, B * head, C // head, meta["KK_PAD"], args, meta)
+    _launch_tiled(ddf_fwd_kernel, Ho * Wo, B * head, C // head, meta["KK_PAD"], args, meta)
     return out
 
 
@@ -209,5 +215,5 @@ def backward(grad_output, input, channel_filter, spatial_filter, kernel_size, di
     meta = _meta(input, kernel_size, combine)
     args = (grad_output, channel_filter, sp, gin, H, W, Ho, Wo, C // head, head, dilation, stride,
             *grad_output.stride(), *channel_filter.stride(), *sp.stride(), *gin.stride())
-    _launch_tiled(_input_tuned, ddf_bwd_input_kernel, H * W, B * head, C // head, meta["KK_PAD"], args, meta)
+    _launch_tiled(ddf_bwd_input_kernel, H * W, B * head, C // head, meta["KK_PAD"], args, meta)
     return gin, gch, gsp
