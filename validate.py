@@ -6,7 +6,8 @@
     python validate.py /data/imagenet --checkpoint a.pth.tar b.pth.tar --results-file results.csv
 
 Checkpoints: ours (train.py; 'arch', 'args', 'state_dict', 'state_dict_ema'), timm-style training checkpoints,
-or a bare state dict (the released weights; then --model is required). See README.md, "Training and validation".
+a bare state dict (the released weights; then --model is required), or a .safetensors file of tools/release.py
+(its metadata records model, classes and eval transform). See README.md, "Training and validation".
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
 from training.demo_data import build_demo_dataset
 from training.engine import evaluate
 from training.io import atomic_write, check_output_file, claim_output_file, discard_if_empty
+from training.release import read_release
 from training.runtime import autocast_ctx, init_runtime, resolve_amp
 
 _logger = logging.getLogger("validate")
@@ -104,6 +106,9 @@ class ValidationFailed(RuntimeError):
 
 
 def _checkpoint_info(ckpt_path: Optional[str], trust: bool = False) -> Dict:
+    if ckpt_path and ckpt_path.lower().endswith(".safetensors"):  # tools/release.py's files (or any state dict)
+        state_dict, info = read_release(ckpt_path)
+        return {**info, "ckpt": state_dict}
     ckpt = load_checkpoint(ckpt_path, trust=trust) if ckpt_path else None
     if ckpt is not None and not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {os.path.abspath(ckpt_path)} holds a {type(ckpt).__name__}, not a dict")

@@ -48,8 +48,8 @@ KILL_ENV = "DDF_TEST_KILL_AT"
 SAVE_STEPS = ("staged-last", "staged-best", "staged-checkpoint", "staged-summary", "staged-index", "committed",
               "renamed-last", "renamed-best", "renamed-checkpoint", "renamed-summary", "pruned")
 
-__all__ = ["CheckpointError", "save_checkpoint", "verify_checkpoint", "load_checkpoint", "CheckpointSaver",
-           "checkpoint_dict", "continues_in_place", "is_run_folder", "run_finished", "read_index",
+__all__ = ["CheckpointError", "save_checkpoint", "write_verified", "verify_checkpoint", "load_checkpoint",
+           "CheckpointSaver", "checkpoint_dict", "continues_in_place", "is_run_folder", "run_finished", "read_index",
            "recover_run_folder", "summary_text", "unwrap_state_dict"]
 
 
@@ -79,6 +79,12 @@ def _write_verified(obj: Any, path: str) -> None:
         digest, _ = _records_sha256(zf)
         prefix = zf.namelist()[0].split("/", 1)[0]
         zf.writestr(f"{prefix}/{CHECKSUM_RECORD}", json.dumps({"sha256": digest}))
+
+
+def write_verified(obj: Any, path: str) -> None:
+    """``torch.save`` + checksum record into ``path`` itself (not atomic: for a temporary file the caller renames;
+    use :func:`save_checkpoint` otherwise)."""
+    _write_verified(obj, path)
 
 
 def _no_space(e: Optional[BaseException]) -> bool:
