@@ -133,6 +133,18 @@ def test_average_of_the_two_best_checkpoints(run, tmp_path):
     assert torch.equal(read(plain)[0]["fc.weight"], ((pa["fc.weight"].double() + pb["fc.weight"].double()) / 2).float())
 
 
+def test_top1_is_the_one_measured_on_the_released_weights():
+    ck = {"epoch": 4, "step": 0, "eval_on_ema": True, "metrics": {"top1": 60.0}}
+    rows = [{"epoch": 4, "eval_top1": 55.0, "ema_eval_top1": 60.0}]
+    assert release_lib._top1(ck, True, rows) == "60.0"
+    assert release_lib._top1(ck, False, rows) == "55.0"  # plain weights of an EMA run: the epoch's eval_top1
+    other_run = [{"epoch": 4, "eval_top1": 55.0, "ema_eval_top1": 61.0}]  # a row that is not this checkpoint's
+    assert release_lib._top1(ck, False, other_run) == "not measured"
+    assert release_lib._top1(ck, False, None) == "not measured"
+    assert release_lib._top1(dict(ck, step=3), True, rows) == "not measured"  # mid-epoch: nothing measured on it
+    assert release_lib._top1({"epoch": 1, "eval_on_ema": False, "metrics": {"top1": 7.5}}, False, None) == "7.5"
+
+
 def _fails(argv, capsys, arg):
     """Runs the script's main as its command line does: one `error:` line naming ``arg``, exit 2."""
     capsys.readouterr()

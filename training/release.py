@@ -76,13 +76,20 @@ def _weights(ckpt: Dict, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], bool]:
 
 def _top1(ckpt: Dict, ema: bool, rows: Optional[List[Dict]]) -> str:
     """The top-1 the run measured on these weights: the checkpoint's metrics when they were measured on them, else
-    its epoch's summary row (``ema_eval_top1`` / ``eval_top1``) from the index; ``not measured`` otherwise."""
+    its epoch's summary row (``ema_eval_top1`` / ``eval_top1``) from the index next to it, when that row agrees with
+    the checkpoint's own metrics (the same run); ``not measured`` otherwise (e.g. a mid-epoch checkpoint)."""
     metrics = ckpt.get("metrics") or {}
-    if "top1" in metrics and bool(ckpt.get("eval_on_ema")) == ema and not int(ckpt.get("step") or 0):
+    if int(ckpt.get("step") or 0) or "top1" not in metrics:
+        return NOT_MEASURED
+    measured_on_ema = bool(ckpt.get("eval_on_ema"))
+    if measured_on_ema == ema:
         return repr(float(metrics["top1"]))
+    own = "ema_eval_top1" if measured_on_ema else "eval_top1"
     key = "ema_eval_top1" if ema else "eval_top1"
     for row in rows or ():
         if str(row.get("epoch")) == str(ckpt.get("epoch")) and row.get(key) not in (None, ""):
+            if row.get(own) in (None, "") or float(row[own]) != float(metrics["top1"]):
+                break
             return repr(float(row[key]))
     return NOT_MEASURED
 
