@@ -5,9 +5,11 @@ from .functional import ddf
 from .modules import DDFPack, DDFUpPack, FilterNorm
 from .reference import ddf_reference
 from .export import export_onnx
+from .convert import ConvertReport, convert
 from . import models  # noqa: F401,E402  (registers the DDF-ResNets with timm)
 
-__all__ = ["ddf", "ddf_reference", "backend_info", "use_backend", "export_onnx", "FilterNorm", "DDFPack", "DDFUpPack"]
+__all__ = ["ddf", "ddf_reference", "backend_info", "use_backend", "export_onnx", "FilterNorm", "DDFPack", "DDFUpPack",
+           "convert", "ConvertReport"]
 __version__ = "0.2.0"
 
 # FLOP formula (3*n*c*k^2) of torch.ops.ddf.ddf_forward for torch.utils.flop_counter.FlopCounterMode.

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["ddf_flops", "ddf_op_packet", "register_ddf_flop_formula", "is_registered", "paper_flops",
+__all__ = ["ddf_flops", "ddf_op_packet", "register_ddf_flop_formula", "is_registered", "paper_flops", "model_flops",
            "DDFOpUnavailable"]
 
 _registered = False
@@ -108,3 +108,26 @@ def paper_flops(flop_counts: Dict, ddf_packet: Optional[object] = None) -> Dict[
             other += int(count)
     macs = other // 2
     return {"conv_linear_macs": macs, "ddf": ddf, "total": macs + ddf}
+
+
+def model_flops(model: torch.nn.Module, input_size) -> Dict[str, int]:
+    """:func:`paper_flops` of one eval-mode forward of ``model`` on a ``(1, *input_size)`` input, counted on the
+    meta device: the parameters and buffers are swapped for meta tensors of the same shapes through
+    ``torch.func.functional_call``, so nothing is computed, whatever the size, and the model is not copied.
+    Raises whatever the forward raises on meta tensors (e.g. a module holding a plain tensor attribute)."""
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tensors = {name: torch.empty_like(t, device="meta") for name, t in named}
+    dtype = next((t.dtype for _, t in named if t.is_floating_point()), torch.float32)
+    x = torch.empty((1, *[int(n) for n in input_size]), device="meta", dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            functional_call(model, tensors, (x,), strict=False)
+    finally:
+        model.train(was_training)
+    return paper_flops(counter.get_flop_counts().get("Global", {}))
