@@ -126,3 +126,33 @@ def test_train_stops_when_the_compiled_kernels_are_missing_unless_reference_is_a
     res = subprocess.run([sys.executable, "-c", code, *args, "--ddf-backend", "reference"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "compiled DDF kernels" not in res.stderr, res.stderr  # stops later: no data
+
+
+def test_no_cuda_home_warning_on_a_machine_without_cuda(tmp_path):
+    """torch.utils.cpp_extension logs ``No CUDA runtime is found, using CUDA_HOME=...`` when imported with a CUDA
+    toolkit but no CUDA device (issue 25 item 4): it reads like an error and does not matter to the CPU kernels, so
+    the cpp backend's JIT path (loading the build, its folder) must not print it. CUDA_HOME names an existing folder
+    and CUDA_VISIBLE_DEVICES is empty, so the warning would appear on any machine with a CUDA build of torch."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    env.pop("DDF_BACKEND", None)
+
+    def stderr(code):
+        res = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr
+        return res.stdout, res.stderr
+
+    _, control = stderr("import torch.utils.cpp_extension")
+    if "No CUDA runtime is found" not in control:
+        pytest.skip("this torch build does not log the CUDA_HOME warning (no CUDA build), nothing to hide")
+    out, err = stderr("import sys; sys.modules['ddf._C'] = None\n"  # the JIT path, as in a source checkout
+                      "from ddf.backends import cpp\n"
+                      "print(cpp.load(), cpp.where() or cpp.unavailable_reason()); cpp.build_directory('k')\n"
+                      "import logging; print(logging.getLogger('torch.utils.cpp_extension').level)")
+    assert "No CUDA runtime is found" not in err, err
+    assert out.split()[0] == "True" and "JIT build" in out, out + err  # the path that imports cpp_extension ran
+    assert out.split()[-1] == "0", out  # the logger's level is put back (NOTSET)

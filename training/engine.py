@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointSaver, model_state
+from .pace import Pace
 from .runtime import GracefulStop, RunLog, Runtime, fmt_time, gather_rng, stop_signals_blocked
 from .step_stats import NonFiniteLossError, StepStats
 
@@ -128,7 +129,6 @@ class Progress:
     count: int = 0
     nonfinite: int = 0  # non-finite steps of this epoch (see training.step_stats)
     run_steps: int = 0
-    run_t0: float = field(default_factory=time.time)
 
     def train_state(self) -> Dict[str, float]:
         return {"loss_sum": self.loss_sum, "count": self.count}
@@ -188,6 +188,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.meta, self.saver, self.runlog, self.stop = meta, saver, runlog, stop
         self.progress = Progress()
+        self.pace = Pace()  # the progress line's speed and ETAs, without the first step's warm-up
         self.stats = StepStats(rt.device)
         self.history: List[Dict] = []
 
@@ -258,6 +259,7 @@ class Trainer:
         self.train_loader.dataset.set_epoch(epoch)
         p.model.train()
         self.progress.step = step0
+        self.pace.epoch_start(self.progress.run_steps)
         try:
             with stop_signals_blocked():  # see evaluate
                 batches = iter(self.train_loader)
@@ -288,6 +290,10 @@ class Trainer:
         pr.run_steps += 1
         pr.step = step
         self.stats.add(loss, nonfinite, n)
+        if pr.run_steps == 1:  # once per run: the end of the warm-up step (its GPU work included)
+            if self.rt.device.type == "cuda":
+                torch.cuda.synchronize(self.rt.device)
+            self.pace.first_step_done(pr.run_steps)
         if self.p.sched_on_updates:
             self.p.scheduler.step_update(pr.global_step)
         last = step == plan.steps_per_epoch
@@ -352,13 +358,14 @@ class Trainer:
         pr, plan = self.progress, self.plan
         if self.rt.rank != 0:
             return
-        per_step = (time.time() - pr.run_t0) / max(pr.run_steps, 1)
+        per_step, run_per_step = self.pace.seconds_per_step(pr.run_steps)
         total = plan.epochs * plan.steps_per_epoch
         _logger.info("Train: %d [%4d/%d (%3.0f%%)]  loss %.4f (%.4f)  lr %.3e  %.1f img/s  ETA epoch %s  run %s",
                      epoch, step, plan.steps_per_epoch, 100.0 * step / plan.steps_per_epoch, f.last_loss,
                      pr.loss_sum / max(pr.count, 1), self.p.optimizer.param_groups[0]["lr"],
                      self.train_loader.batch_size * self.rt.world_size / max(per_step, 1e-9),
-                     fmt_time(per_step * (plan.steps_per_epoch - step)), fmt_time(per_step * (total - pr.global_step)))
+                     fmt_time(per_step * (plan.steps_per_epoch - step)),
+                     fmt_time(run_per_step * (total - pr.global_step)))
         if self.runlog is not None:
             self.runlog.step("train/loss", f.last_loss, pr.global_step)
             if f.nonfinite:

@@ -15,6 +15,7 @@ Loaded lazily, on the first CPU call (so ``import ddf`` stays fast):
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import runpy
@@ -70,10 +71,26 @@ def build_key(src_dir: str = None, flags: dict = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported here only. Its import looks for CUDA and, on a machine without a
+    CUDA runtime but with a CUDA toolkit, logs ``No CUDA runtime is found, using CUDA_HOME=...``: irrelevant to
+    these CPU-only kernels, and it reads like an error, so without a CUDA device that logger is held at ERROR for
+    the import (its level is restored after; the build's own warnings still show)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    if not torch.cuda.is_available():
+        log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def build_directory(key: str) -> str:
     """``$TORCH_EXTENSIONS_DIR/ddf_C_<key>`` (default ``~/.cache/torch_extensions/py<ver>_<accel>/ddf_C_<key>``,
     torch's own layout): one folder per cache key."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
@@ -98,7 +115,7 @@ def _stage_sources(src_dir: str, build_dir: str) -> str:
 
 
 def _load_jit(src_dir: str = None) -> str:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     src_dir = src_dir or _SRC_DIR
     if shutil.which("ninja") is None:
