@@ -78,6 +78,12 @@ def _model_options(p) -> None:
     g.add_argument("--model", default="ddf_mul_resnet50", help="timm model name, e.g. ddf_mul_resnet50")
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra create_model kwargs, e.g. se_ratio=0.3 filters=channel normalization=batch_norm")
+    g.add_argument("--convert", action="store_true", default=False,
+                   help="turn the model's eligible k x k convs into DDF layers (ddf.convert) right after it is built; "
+                        "default policy auto: the DDF-ResNet layout on a timm ResNet, else every eligible conv")
+    g.add_argument("--convert-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ddf.convert options with --convert, e.g. include='layer[34].*' head=2 se_ratio=0.25 "
+                        "min_channels=64 kernel_combine=add policy=all")
     g.add_argument("--pretrained", action="store_true", default=False)
     g.add_argument("--initial-checkpoint", default="", help="weights to start from (fine-tuning); not a resume")
     g.add_argument("--resume", default="", help="checkpoint to continue the same run from (last.pth.tar); a run that "
@@ -219,14 +225,17 @@ RANGES = [  # (option, lo, hi, lo_open, hi_open); nan/inf floats are refused for
 ]
 
 
-def _config_model_kwargs(raw, path: str) -> Dict:
+KWARGS_KEYS = ("model_kwargs", "convert_kwargs")  # YAML keys read as a mapping or a list of key=value strings
+
+
+def _config_kwargs(raw, path: str, key: str = "model_kwargs") -> Dict:
     if raw is None:
         return {}
     if isinstance(raw, dict):
         return {str(k): v for k, v in raw.items()}
     if isinstance(raw, (list, str)):
-        return cli.parse_kv(raw, f"--config {path}: model_kwargs")
-    raise cli.UsageError(f"--config {path}: model_kwargs must be a mapping (key: value) or a list of key=value "
+        return cli.parse_kv(raw, f"--config {path}: {key}")
+    raise cli.UsageError(f"--config {path}: {key} must be a mapping (key: value) or a list of key=value "
                          f"strings, got {raw!r}")
 
 
@@ -253,6 +262,12 @@ def model_sources(args, from_config: Iterable[str] = (), config_path: str = "") 
     return src
 
 
+def convert_sources(args, from_config: Iterable[str] = (), config_path: str = "") -> Dict[str, str]:
+    """ddf.convert option -> the option that set it (``--convert-kwargs k=v`` or the YAML file's convert_kwargs)."""
+    return {k: (f"--config {config_path}: convert_kwargs {k}={v!r}" if k in from_config else
+                f"--convert-kwargs {k}={v!r}") for k, v in args.convert_kwargs.items()}
+
+
 def create_kwargs(args, num_classes: Optional[int]) -> Dict:
     """What create_model gets besides the name: classes, dropout, input channels (--input-size C), --model-kwargs."""
     kw = {"drop_rate": args.drop, **({"num_classes": num_classes} if num_classes else {})}
@@ -263,8 +278,13 @@ def create_kwargs(args, num_classes: Optional[int]) -> Dict:
     return {**kw, **args.model_kwargs}
 
 
-def check_timm_options(args, sources: Dict[str, str]) -> None:
-    """Every value passed on to timm, checked now (before any run folder or data): one line naming the option."""
+def check_timm_options(args, sources: Dict[str, str], conv_sources: Optional[Dict[str, str]] = None) -> None:
+    """Every value passed on to timm (and --convert's to ddf.convert), checked now (before any run folder or data):
+    one line naming the option. With --convert, ``args.convert_kwargs`` becomes the full settings of the run
+    (:func:`training.model_options.convert_settings`: every option explicit, policy resolved)."""
+    if args.convert_kwargs and not args.convert:
+        first = next(iter((conv_sources or {}).values()), "--convert-kwargs")
+        raise cli.UsageError(f"{first}: convert options without --convert (or convert: true in the YAML file)")
     if "in_chans" in args.model_kwargs:  # the data must be decoded with the same channels as the model takes
         raise cli.UsageError(f"--model-kwargs in_chans={args.model_kwargs['in_chans']!r}: give the input channels as --input-size C H W (it sets both the "
                              f"model's in_chans and how the images are decoded)")
@@ -272,8 +292,11 @@ def check_timm_options(args, sources: Dict[str, str]) -> None:
     model_options.check_interpolation(args.interpolation, "--interpolation")
     model_options.check_interpolation(args.train_interpolation, "--train-interpolation", allow_random=True)
     model_options.check_auto_augment(args.aa)
-    model_options.check_model(args.model, create_kwargs(args, args.num_classes), sources,
-                              model_options.input_channels(args.input_size))
+    settings = model_options.check_model(args.model, create_kwargs(args, args.num_classes), sources,
+                                         model_options.input_channels(args.input_size),
+                                         convert=args.convert_kwargs if args.convert else None,
+                                         convert_sources=conv_sources)
+    args.convert_kwargs = settings or {}
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -282,21 +305,24 @@ def parse_args(argv: Optional[List[str]] = None):
     config_path = known.config
     if not config_path and known.data is None and known.data_dir is None and os.path.isfile(DEMO_CONFIG):
         config_path = DEMO_CONFIG  # `python train.py` with no data: the demo config
-    cfg_model_kwargs: Dict = {}
+    cfg = {key: {} for key in KWARGS_KEYS}
     if config_path:
-        defaults, raw = cli.load_config(config_path, parser)
+        defaults, raw = cli.load_config(config_path, parser, special=KWARGS_KEYS)
         parser.set_defaults(**defaults)
-        cfg_model_kwargs = _config_model_kwargs(raw.get("model_kwargs"), config_path)
+        cfg = {key: _config_kwargs(raw.get(key), config_path, key) for key in KWARGS_KEYS}
     args = parser.parse_args(argv)
     args.config = config_path
     cli_model_kwargs = cli.parse_kv(args.model_kwargs)
-    args.model_kwargs = {**cfg_model_kwargs, **cli_model_kwargs}
+    args.model_kwargs = {**cfg["model_kwargs"], **cli_model_kwargs}
+    cli_convert_kwargs = cli.parse_kv(args.convert_kwargs, "--convert-kwargs")
+    args.convert_kwargs = {**cfg["convert_kwargs"], **cli_convert_kwargs}
     if args.data_dir and args.data and args.data_dir != args.data:
         raise cli.UsageError(f"data given twice: {args.data!r} and --data-dir {args.data_dir!r}")
     args.data = args.data_dir = args.data or args.data_dir
     args.scale, args.ratio = tuple(args.scale), tuple(args.ratio)
     check_args(args)
-    check_timm_options(args, model_sources(args, set(cfg_model_kwargs) - set(cli_model_kwargs), config_path))
+    check_timm_options(args, model_sources(args, set(cfg["model_kwargs"]) - set(cli_model_kwargs), config_path),
+                       convert_sources(args, set(cfg["convert_kwargs"]) - set(cli_convert_kwargs), config_path))
     return args
 
 
@@ -326,6 +352,17 @@ def check_not_finished(args, ckpt: Dict) -> None:
         raise cli.UsageError(f"--resume {args.resume}: the run already finished {done} epoch(s) (--epochs "
                              f"{args.epochs}{cool}); nothing to do, nothing written (raise --epochs to train more: "
                              f"that starts a new run folder and leaves this one as it is)")
+
+
+def check_same_conversion(args, ckpt: Dict) -> None:
+    """A --resume rebuilds the model from the options given now: its conversion must be the checkpoint's own
+    (refused before anything is written; a checkpoint of before --convert records none)."""
+    old = ckpt.get("convert")
+    now = dict(args.convert_kwargs) if args.convert else None
+    if old != now:
+        said = (lambda c: "no --convert" if c is None else f"--convert with {c}")
+        raise cli.UsageError(f"--resume {args.resume}: the run was trained with {said(old)} but this command asks "
+                             f"for {said(now)}; resume with the run's own --convert / --convert-kwargs")
 
 
 def choose_run_folder(args, ckpt: Optional[Dict] = None, held: Optional[run_folder.RunLock] = None
@@ -402,6 +439,7 @@ def _read_resume(args, rt: runtime.Runtime) -> Tuple[Optional[Dict], Optional[ru
             raise cli.UsageError(f"--resume: checkpoint not found: {os.path.abspath(args.resume)}")
         ckpt = checkpoint_dict(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.resume, "--resume")
         check_not_finished(args, ckpt)
+        check_same_conversion(args, ckpt)
     except BaseException:
         if held is not None:
             held.release()
@@ -497,9 +535,13 @@ def eval_transform(data_config: Dict):
 def build_model(args, num_classes: int, rt: runtime.Runtime):
     model = model_options.create_model(args.model, create_kwargs(args, num_classes), model_sources(args),
                                        pretrained=args.pretrained)
+    data_config = model_options.fit_channels(resolve_data_config(vars(args), model=model, verbose=False))
+    if args.convert:  # before the weights of --initial-checkpoint (a converted run's fit), EMA, DDP, compile
+        model, conv_report = model_options.convert_model(model, args.model, args.convert_kwargs,
+                                                         convert_sources(args), data_config["input_size"])
+        _logger.info("--convert %s: %s", args.convert_kwargs, model_options.convert_summary(conv_report))
     if args.initial_checkpoint:
         load_initial_weights(model, args.initial_checkpoint, args.trust_checkpoint)
-    data_config = model_options.fit_channels(resolve_data_config(vars(args), model=model, verbose=False))
     _logger.info("model %s: %.2fM params, kwargs %s, data config %s", args.model,
                  sum(p.numel() for p in model.parameters()) / 1e6, args.model_kwargs, data_config)
     model.to(rt.device)
@@ -628,7 +670,7 @@ def resume(args, parts: TrainParts, sig: Dict, class_names: List[str]):
     bad = model_options.state_dict_mismatch(unwrap_model(parts.model), sd)
     if bad:  # e.g. another --input-size or --model-kwargs than the run was started with
         raise cli.UsageError(f"--resume {args.resume}: its weights do not fit --model {args.model} as built now "
-                             f"({bad}); resume with the run's own --input-size / --model-kwargs")
+                             f"({bad}); resume with the run's own --input-size / --model-kwargs / --convert")
     unwrap_model(parts.model).load_state_dict(sd)
     if not args.no_resume_opt:
         if "optimizer" in ckpt:
@@ -699,6 +741,7 @@ def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str
                  args.lr_effective, plan.epochs, plan.steps_per_epoch, op, "demo dataset" if args.demo else data.train.source)
     meta = {"version": CKPT_VERSION, "arch": args.model, "args": plain_args(args), "num_classes": data.num_classes,
             "class_names": data.train.classes, "model_kwargs": dict(args.model_kwargs),
+            "convert": dict(args.convert_kwargs) if args.convert else None,
             "data_config": dict(data_config), "run": sig}
     trainer = Trainer(parts, plan, rt, data.train_loader, data.val_loader, meta, saver, runlog, stop)
     if ckpt is not None:

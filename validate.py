@@ -118,7 +118,8 @@ def _checkpoint_info(ckpt_path: Optional[str], trust: bool = False) -> Dict:
         ckpt_args = vars(ckpt_args)
     return {"ckpt": ckpt if ckpt_path else None, "args": ckpt_args, "arch": ckpt.get("arch"),
             "num_classes": ckpt.get("num_classes"), "class_names": ckpt.get("class_names"),
-            "model_kwargs": dict(ckpt.get("model_kwargs") or {}), "data_config": ckpt.get("data_config")}
+            "model_kwargs": dict(ckpt.get("model_kwargs") or {}), "data_config": ckpt.get("data_config"),
+            "convert": ckpt.get("convert")}
 
 
 def _check_classes(info: Dict, dataset, num_classes: int) -> None:
@@ -154,6 +155,14 @@ def _build_model(args, model_name: str, info: Dict, state_dict, num_classes: int
                            else f"{chans} input channels recorded in checkpoint {ckpt_path}")
     model = model_options.create_model(model_name, kwargs, sources, num_classes=num_classes,
                                        pretrained=args.pretrained and info["ckpt"] is None)
+    if info.get("convert") is not None and not isinstance(info["convert"], dict):
+        raise CheckpointError(f"checkpoint {os.path.abspath(ckpt_path or '')}: 'convert' must be the dict of "
+                              f"ddf.convert settings train.py --convert records, got {info['convert']!r}")
+    if info.get("convert"):  # train.py --convert: the same ddf.convert settings, recorded in full
+        where = f"the --convert settings recorded in checkpoint {ckpt_path}"
+        model, report = model_options.convert_model(model, model_name, info["convert"],
+                                                    {k: where for k in info["convert"]})
+        _logger.info("%s: converted as trained (%s)", model_name, model_options.convert_summary(report))
     if state_dict is not None:
         bad = model_options.state_dict_mismatch(model, state_dict)
         if bad:

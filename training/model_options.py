@@ -5,6 +5,7 @@ size. A value timm would refuse later with a traceback (AssertionError, KeyError
 :class:`training.cli.UsageError` naming the option. Also: does a state dict fit a model (one line when not)."""
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -143,9 +144,12 @@ def first_conv_channels(model) -> Optional[int]:
     return None
 
 
-def check_model(name: str, kwargs: Mapping, sources: Mapping[str, str], chans: int, **fixed) -> None:
+def check_model(name: str, kwargs: Mapping, sources: Mapping[str, str], chans: int, convert: Optional[Mapping] = None,
+                convert_sources: Optional[Mapping[str, str]] = None, **fixed) -> Optional[Dict]:
     """Build the model once on the meta device (no memory or weights) so that every value given to timm's
-    create_model is checked before a run folder exists; with ``chans`` != 3 the first conv must take ``chans``."""
+    create_model is checked before a run folder exists; with ``chans`` != 3 the first conv must take ``chans``.
+    ``convert``: the ``--convert-kwargs`` (``--convert`` given), converted on that model too; returns their
+    :func:`convert_settings` (None without ``convert``)."""
     try:
         with torch.device("meta"):
             model = create_model(name, kwargs, sources, **fixed)
@@ -157,6 +161,107 @@ def check_model(name: str, kwargs: Mapping, sources: Mapping[str, str], chans: i
     if got is not None and got != chans:
         raise UsageError(f"{sources.get('in_chans', '--input-size')}: model {name!r} was asked for {chans} input "
                          f"channels but its first conv takes {got}")
+    if convert is None:
+        return None
+    settings = convert_settings(model, convert, convert_sources or {})
+    on_meta = any(p.is_meta for p in model.parameters())  # else built for real above: its DDF layers too
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        convert_model(model, name, settings, convert_sources or {})
+    return settings
+
+
+# ----------------------------------------------------------------------------------------- --convert (ddf.convert)
+CONVERT_POLICIES = ("auto", "paper", "all")  # auto: 'paper' on a timm ResNet, else 'all' (every eligible conv)
+_CONVERT_FIXED = ("inplace", "input_size")  # chosen by train.py / validate.py, not options
+
+
+def convert_defaults() -> Dict:
+    """Every ``ddf.convert`` option a run can set (``--convert-kwargs``) with its default; ``policy``: 'auto'."""
+    import inspect
+
+    import ddf
+
+    params = inspect.signature(ddf.convert).parameters.values()
+    out = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _CONVERT_FIXED}
+    out["policy"] = "auto"
+    return out
+
+
+def _is_timm_resnet(model) -> bool:
+    try:
+        from timm.models.resnet import ResNet
+    except ImportError:
+        return False
+    return isinstance(model, ResNet)
+
+
+def _patterns(value, where: str):
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UsageError(f"{where}: must be an fnmatch pattern on the layer names (e.g. 'layer[34].*') or a list of "
+                     f"them (e.g. ['layer3.*', 'layer4.*']), got {value!r}")
+
+
+def convert_settings(model, given: Mapping, sources: Mapping[str, str]) -> Dict:
+    """The full, explicit ``ddf.convert`` settings of a run: every option (defaults filled in, so that a checkpoint
+    rebuilds the same model whatever later defaults are), ``policy`` 'auto' resolved on ``model`` to 'paper' (timm
+    ResNets: the layout of ``ddf_*_resnet*``) or 'all'. ``sources``: option -> the text that set it."""
+    settings = convert_defaults()
+    unknown = [k for k in given if k not in settings]
+    if unknown:
+        k = unknown[0]
+        raise UsageError(f"{sources.get(k, f'--convert-kwargs {k}={given[k]!r}')}: ddf.convert has no option {k!r} "
+                         f"(options: {', '.join(sorted(settings))})")
+    settings.update(given)
+    where = {k: sources.get(k, f"--convert-kwargs {k}={v!r}") for k, v in settings.items()}
+    policy = "all" if settings["policy"] is None else settings["policy"]
+    if policy not in CONVERT_POLICIES:
+        raise UsageError(f"{where['policy']}: policy must be one of {', '.join(CONVERT_POLICIES)} (auto: paper on a "
+                         f"timm ResNet, else all)")
+    if policy == "auto":
+        policy = "paper" if _is_timm_resnet(model) else "all"
+    settings["policy"] = policy
+    for k in ("include", "exclude"):
+        settings[k] = _patterns(settings[k], where[k])
+    return settings
+
+
+_SELECTION_WORDS = ("include", "exclude", "policy", "min_channels", "head=", "se_ratio=")  # why ddf.convert kept it
+_CONVERT_OPTION = re.compile(r"^ddf\.convert: (\w+)")
+
+
+def convert_model(model, name: str, settings: Mapping, sources: Mapping[str, str], input_size=None):
+    """``ddf.convert(model, **settings)`` in place; returns its report. A value ddf.convert refuses is a UsageError
+    naming the option; a model in which nothing is eligible too (a run asked to be converted never trains the plain
+    model under a converted run's name)."""
+    import ddf
+
+    kwargs = {**settings, "policy": None if settings["policy"] == "all" else settings["policy"]}
+    try:
+        model, report = ddf.convert(model, **kwargs, input_size=input_size)
+    except (TypeError, ValueError) as e:
+        m = _CONVERT_OPTION.match(str(e))
+        key = m.group(1) if m else ""
+        where = sources.get(key, f"--convert-kwargs {key}={settings[key]!r}" if key in settings else "--convert")
+        raise UsageError(f"{where}: {' '.join(str(e).split())}") from None
+    if not report.changed:
+        chosen = [kv for kv in report.skipped.items() if any(w in kv[1] for w in _SELECTION_WORDS)]
+        kept = (chosen or list(report.skipped.items()) or [None])[0]  # a layer the options left out, if any
+        first = f"; first: {kept[0]}: {kept[1]}" if kept else ""
+        given = " ".join(f"{k}={v!r}" for k, v in settings.items() if k in sources)
+        raise UsageError(f"--convert: nothing eligible in model {name!r}{' with ' + given if given else ''} "
+                         f"({len(report.skipped)} k x k conv(s) kept{first}); drop --convert or change "
+                         f"--convert-kwargs")
+    return model, report
+
+
+def convert_summary(report) -> str:
+    """The report's head (layers replaced, params and FLOPs before/after) as one line, without the layer list."""
+    lines = [ln.strip() for ln in str(report).splitlines()
+             if not ln.startswith(("  replaced ", "  kept ", "  FLOPs not counted (input_size=None)"))]
+    return "; ".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ state dicts

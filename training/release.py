@@ -6,8 +6,9 @@ A release holds only tensors (the model's state dict: the EMA weights when the c
 ``use_ema=False``; or the mean of the run's N best top-k checkpoints) and string metadata (:data:`META_KEYS`):
 ``model``, ``top1`` (the top-1 the run measured on exactly these weights, ``not measured`` for an average),
 ``epoch``, ``args_sha256`` (of the run's recorded options), ``weights`` and what ``validate.py`` needs to give the
-run's number again: ``num_classes``, ``class_names``, ``model_kwargs``, ``data_config`` and, for a demo run, ``demo``
-(where the demo data was built), all JSON. Files are written to temporaries and linked onto their final names,
+run's number again: ``num_classes``, ``class_names``, ``model_kwargs``, ``data_config``, for a run of
+``train.py --convert`` ``convert`` (its ddf.convert settings) and, for a demo run, ``demo`` (where the demo data was
+built), all JSON. Files are written to temporaries and linked onto their final names,
 never over an existing file; on any error nothing is left.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .io import fsync_dir, remove_quietly, write_temp
 __all__ = ["ReleaseError", "Release", "from_source", "write_release", "read_release", "META_KEYS"]
 
 META_KEYS = ("format", "model", "top1", "epoch", "args_sha256", "weights", "source", "num_classes", "class_names",
-             "model_kwargs", "data_config", "demo")
+             "model_kwargs", "data_config", "convert", "demo")
 NOT_MEASURED = "not measured"
 _DEMO_KEYS = ("demo_root", "demo_train_per_class", "demo_val_per_class", "demo_img_size")
 
@@ -102,6 +103,8 @@ def _metadata(ckpt: Dict, ema: bool, top1: str, epoch: str, weights: str, source
             "class_names": json.dumps(list(ckpt.get("class_names") or [])),
             "model_kwargs": json.dumps(dict(ckpt.get("model_kwargs") or {}), default=str),
             "data_config": json.dumps(dict(ckpt.get("data_config") or {}), default=str)}
+    if ckpt.get("convert"):
+        meta["convert"] = json.dumps(dict(ckpt["convert"]))
     if args.get("demo"):
         meta["demo"] = json.dumps({k: args.get(k) for k in _DEMO_KEYS})
     return meta
@@ -245,8 +248,8 @@ def write_release(rel: Release, out_dir: str, pth: bool = False) -> List[str]:
 
 def read_release(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(state dict, info) of a ``.safetensors`` file; info has ``arch``, ``num_classes``, ``class_names``,
-    ``model_kwargs``, ``data_config``, ``args`` (the demo's settings for a demo run), ``metadata`` (all of it); keys
-    a file written elsewhere lacks are None / empty. :class:`CheckpointError` naming the file when missing or
+    ``model_kwargs``, ``data_config``, ``convert``, ``args`` (the demo's settings for a demo run), ``metadata`` (all
+    of it); keys a file written elsewhere lacks are None / empty. :class:`CheckpointError` naming the file when missing or
     damaged."""
     from safetensors import safe_open
 
@@ -271,5 +274,6 @@ def read_release(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     num = meta.get("num_classes")
     info = {"arch": meta.get("model") or None, "num_classes": int(num) if num and num.isdigit() else None,
             "class_names": js("class_names", []) or None, "model_kwargs": js("model_kwargs", {}),
-            "data_config": data_config or None, "args": js("demo", {}), "metadata": meta}
+            "data_config": data_config or None, "args": js("demo", {}), "convert": js("convert", None),
+            "metadata": meta}
     return sd, info
