@@ -28,6 +28,7 @@ from timm.data import create_transform, resolve_data_config
 import models  # noqa: F401  (registers the DDF-ResNets with timm)
 from ddf.backends import op_label
 from training import cli, model_options
+from ddf.state_dict import ema_chosen
 from training.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 from training.data import BAD_IMAGE_CHOICES, DatasetError, ResumableSampler, collate_skip, create_dataset
 from training.demo_data import DEFAULT_ROOT as DEMO_ROOT
@@ -59,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create_model kwargs (override those recorded in the checkpoint)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--use-ema", dest="use_ema", action="store_const", const=True, default=None,
-                   help="evaluate the EMA weights (default: when the checkpoint's best metric came from EMA)")
-    g.add_argument("--no-ema", dest="use_ema", action="store_const", const=False)
+                   help="evaluate the EMA weights (an error when the checkpoint has none). Default: the EMA weights "
+                        "whenever the checkpoint holds them, the rule of every route (ddf.state_dict)")
+    g.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
+                   help="evaluate the plain (model) weights even when the checkpoint holds EMA weights")
     p.add_argument("--pretrained", action="store_true", default=False,
                    help="without --checkpoint: timm pretrained weights (where the model has a source)")
     p.add_argument("--num-classes", type=int, default=None)
@@ -99,6 +102,9 @@ def _demo_root_for(ckpt_args: Dict) -> str:
                        val_per_class=ckpt_args.get("demo_val_per_class"), img_size=ckpt_args.get("demo_img_size"),
                        verbose=True)
     return os.path.abspath(root)
+
+
+_WEIGHTS_LABEL = {"ema": "EMA", "model": "model"}
 
 
 class ValidationFailed(RuntimeError):
@@ -185,6 +191,21 @@ def _data_config(args, info: Dict, model) -> Dict:
     return resolve_data_config(cli_cfg, model=model)
 
 
+def _use_ema(asked: Optional[bool], info: Dict, ckpt_path: Optional[str]) -> bool:
+    """Whether the EMA weights are evaluated: ``ddf.state_dict``'s rule (the EMA weights whenever the checkpoint
+    holds them; --use-ema / --no-ema choose). A released .safetensors file holds one set, named in its metadata."""
+    if info["ckpt"] is None:
+        return False
+    if "metadata" not in info:
+        return ema_chosen(info["ckpt"], asked)
+    recorded = str(info["metadata"].get("weights", ""))  # "ema", "plain", "average of N (ema)" ...
+    ema = recorded == "ema" or recorded.endswith("(ema)")
+    if asked is not None and asked != ema:
+        raise ValueError(f"{'--use-ema' if asked else '--no-ema'}: {os.path.abspath(ckpt_path)} holds only the "
+                         f"{'EMA' if ema else 'plain (model)'} weights")
+    return ema
+
+
 def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], device: torch.device) -> Dict:
     info = _checkpoint_info(ckpt_path, args.trust_checkpoint)
     if model_name is None:
@@ -194,10 +215,8 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
     elif info["arch"] and info["arch"] != model_name:
         _logger.warning("checkpoint %s records arch %r; using --model %r", ckpt_path, info["arch"], model_name)
     ckpt = info["ckpt"]
-    use_ema = args.use_ema
-    if ckpt is not None and use_ema is None:  # what the checkpoint's own metric was measured on
-        use_ema = bool(ckpt.get("eval_on_ema") and ckpt.get("state_dict_ema"))
-    state_dict = unwrap_state_dict(ckpt, use_ema=use_ema) if ckpt is not None else None
+    use_ema = _use_ema(args.use_ema, info, ckpt_path)
+    state_dict = unwrap_state_dict(ckpt, use_ema=use_ema and "metadata" not in info) if ckpt is not None else None
     data_root = args.data if args.data is not None else _demo_root_for(info["args"])
     dataset = create_dataset(data_root, args.split, args.dataset, args.bad_image, substitute=False)
     num_classes = (args.num_classes or info["num_classes"] or
@@ -224,7 +243,7 @@ def validate_one(args, model_name: Optional[str], ckpt_path: Optional[str], devi
         raise DatasetError(f"{dataset.source}: 0 images evaluated ({m['skipped']} unreadable skipped); no result for "
                            f"{ckpt_path or model_name}")
     return {"model": model_name, "checkpoint": os.path.abspath(ckpt_path) if ckpt_path else "",
-            "weights": "ema" if use_ema else ("checkpoint" if ckpt is not None else
+            "weights": "ema" if use_ema else ("model" if ckpt is not None else
                                               ("pretrained" if args.pretrained else "random")),
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 6),
             "images": m["count"], "skipped": m["skipped"], "param_count": sum(p.numel() for p in model.parameters()),
@@ -317,6 +336,9 @@ def parse_args(argv: Optional[List[str]] = None):
         model_options.check_model_name(name)
     if args.results_file:  # checked here, created (or checked to be ours) in main before any work
         check_output_file(args.results_file, "--results-file", suffixes=(".csv", ".json"))
+    if args.use_ema is not None and not args.checkpoint:
+        raise cli.UsageError(f"--{'use' if args.use_ema else 'no'}-ema needs --checkpoint (it chooses which weights "
+                             f"of a checkpoint are evaluated)")
     if not args.checkpoint and not args.model:
         raise cli.UsageError("give --checkpoint FILE [FILE ...] and/or --model NAME [NAME ...]")
     ckpts, names = args.checkpoint or [], args.model or []
@@ -363,6 +385,7 @@ def _validate_all(args, results_file: str) -> List[Dict]:
             continue
         results.append(r)
         skipped = f", {r['skipped']} unreadable image(s) skipped" if r["skipped"] else ""
+        print(f"weights: {_WEIGHTS_LABEL.get(r['weights'], r['weights'])}", flush=True)
         print(f"{r['model']} [{r['weights']}] {r['checkpoint'] or ''} on {r['images']} images{skipped} "
               f"({r['img_size']}px, crop {r['crop_pct']}, {r['interpolation']}, {r['precision']}): "
               f"top-1: {r['top1']:.3f} top-5: {r['top5']:.3f} loss: {r['loss']:.4f}", flush=True)

@@ -7,14 +7,18 @@ weights. Accepted inputs:
 * a training checkpoint: ours (``train.py``: ``state_dict``, ``state_dict_ema``, ``eval_on_ema``, ``arch`` ...),
   timm's (``state_dict``, ``state_dict_ema``) or others (``model``, ``model_ema``).
 
-Which weights win (``use_ema``):
+Which weights win (``use_ema``) -- one rule for every route (``validate.py``, ``tools/release.py``, pretrained
+loading through ``timm.create_model``, ``train.py --initial-checkpoint``):
 
+* ``None`` (default): the EMA weights whenever the checkpoint holds them, else the plain weights. This is the
+  rule of timm's own loaders (``timm.models.load_state_dict`` / ``load_checkpoint`` with their default
+  ``use_ema=True``, which ``create_model(pretrained_cfg_overlay=dict(file=...))`` and ``checkpoint_path=`` use
+  before our filter sees the weights), so every route agrees; and it is what the runs measured: our
+  ``train.py`` and timm's both evaluate and rank ``model_best`` by the EMA weights whenever EMA is on. The
+  ``eval_on_ema`` record of our checkpoints does not change the choice (it is True exactly when EMA weights are
+  saved).
 * ``True``: the EMA weights (``state_dict_ema`` / ``model_ema``); an error when the checkpoint has none.
 * ``False``: the plain weights (``state_dict`` / ``model``); an error when the checkpoint has only EMA weights.
-* ``None`` (auto): the weights the checkpoint's own metric was measured on. Our checkpoints record that in
-  ``eval_on_ema``, which decides. Checkpoints that do not record it (timm's train.py, the original release) get
-  the EMA weights when present, because timm's train.py reports and ranks ``model_best`` by the EMA metric
-  whenever EMA is on; otherwise the plain weights.
 
 Key prefixes added by wrappers are removed, repeatedly and in any order: ``module.`` (DataParallel /
 DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``).
@@ -25,7 +29,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["unwrap_state_dict", "PLAIN_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES"]
+__all__ = ["unwrap_state_dict", "ema_chosen", "PLAIN_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES"]
 
 PLAIN_KEYS = ("state_dict", "model")
 EMA_KEYS = ("state_dict_ema", "model_ema", "state_dict_ema_v3")
@@ -55,32 +59,42 @@ def _is_raw(obj: Dict[str, Any]) -> bool:
     return bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
 
-def unwrap_state_dict(obj: Any, use_ema: Optional[bool] = None) -> Dict[str, torch.Tensor]:
-    """Model weights from a raw state dict or a training checkpoint; see the module docstring for the rules."""
+def _parts(obj: Any, use_ema: Optional[bool]):
+    """(plain, ema, raw) weights of ``obj`` after the argument checks."""
     if use_ema not in (None, True, False):
         raise ValueError(f"use_ema must be None, True or False, got {use_ema!r}")
     if not isinstance(obj, dict):
         raise TypeError(f"a checkpoint must be a dict (state dict or training checkpoint), got {type(obj).__name__}")
     if _is_raw(obj):
+        return None, None, obj
+    plain, ema = _first(obj, PLAIN_KEYS), _first(obj, EMA_KEYS)
+    if plain is None and ema is None:
+        keys = sorted(str(k) for k in obj)[:12]
+        raise ValueError(f"no model weights in the checkpoint: expected a state dict or one of the keys "
+                         f"{PLAIN_KEYS + EMA_KEYS}, found keys {keys}")
+    return plain, ema, None
+
+
+def ema_chosen(obj: Any, use_ema: Optional[bool] = None) -> bool:
+    """Whether :func:`unwrap_state_dict` takes the EMA weights of ``obj`` (the rule in the module docstring);
+    ValueError when ``use_ema`` asks for weights the checkpoint does not hold."""
+    plain, ema, raw = _parts(obj, use_ema)
+    if raw is not None:
         if use_ema:
             raise ValueError("use_ema=True but the checkpoint is a bare state dict (no EMA weights)")
-        sd = obj
-    else:
-        plain, ema = _first(obj, PLAIN_KEYS), _first(obj, EMA_KEYS)
-        if plain is None and ema is None:
-            keys = sorted(str(k) for k in obj)[:12]
-            raise ValueError(f"no model weights in the checkpoint: expected a state dict or one of the keys "
-                             f"{PLAIN_KEYS + EMA_KEYS}, found keys {keys}")
-        if use_ema is None:
-            recorded = obj.get("eval_on_ema")
-            use_ema = bool(recorded) if recorded is not None else ema is not None
-            if use_ema and ema is None:
-                use_ema = False
-            if not use_ema and plain is None:
-                use_ema = True
-        if use_ema and ema is None:
-            raise ValueError(f"use_ema=True but the checkpoint holds no EMA weights (none of {EMA_KEYS})")
-        if not use_ema and plain is None:
-            raise ValueError(f"use_ema=False but the checkpoint holds only EMA weights (none of {PLAIN_KEYS})")
-        sd = ema if use_ema else plain
+        return False
+    if use_ema is None:
+        return ema is not None
+    if use_ema and ema is None:
+        raise ValueError(f"use_ema=True but the checkpoint holds no EMA weights (none of {EMA_KEYS})")
+    if not use_ema and plain is None:
+        raise ValueError(f"use_ema=False but the checkpoint holds only EMA weights (none of {PLAIN_KEYS})")
+    return use_ema
+
+
+def unwrap_state_dict(obj: Any, use_ema: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    """Model weights from a raw state dict or a training checkpoint; see the module docstring for the rules."""
+    plain, ema, raw = _parts(obj, use_ema)
+    take_ema = ema_chosen(obj, use_ema)  # checks use_ema against what the checkpoint holds
+    sd = raw if raw is not None else (ema if take_ema else plain)
     return {_strip(str(k)): v for k, v in sd.items()}

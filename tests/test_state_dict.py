@@ -23,15 +23,15 @@ def test_raw_state_dict_and_wrapper_prefixes():
 def test_which_weights_win():
     plain, ema = _sd(1), _sd(2)
     ours_ema = {"state_dict": plain, "state_dict_ema": ema, "eval_on_ema": True, "arch": "x"}
-    ours_plain = {"state_dict": plain, "state_dict_ema": ema, "eval_on_ema": False}
+    ours_plain = {"state_dict": plain, "state_dict_ema": ema, "eval_on_ema": False}  # EMA too: timm's loaders' rule
     timm_style = {"state_dict": plain, "state_dict_ema": ema, "epoch": 3}  # no eval_on_ema record: EMA
     only_model = {"model": plain, "optimizer": {}}
     only_ema = {"state_dict_ema": ema}
-    for obj, want in ((ours_ema, ema), (ours_plain, plain), (timm_style, ema), (only_model, plain), (only_ema, ema)):
+    for obj, want in ((ours_ema, ema), (ours_plain, ema), (timm_style, ema), (only_model, plain), (only_ema, ema)):
         out = unwrap_state_dict(obj)
         assert all(torch.equal(out[k], want[k]) for k in want)
     assert torch.equal(unwrap_state_dict(ours_ema, use_ema=False)["fc.bias"], plain["fc.bias"])
-    assert torch.equal(unwrap_state_dict(ours_plain, use_ema=True)["fc.bias"], ema["fc.bias"])
+    assert torch.equal(unwrap_state_dict(ours_plain, use_ema=False)["fc.bias"], plain["fc.bias"])
     with pytest.raises(ValueError, match="no EMA weights"):
         unwrap_state_dict(only_model, use_ema=True)
     with pytest.raises(ValueError, match="only EMA weights"):

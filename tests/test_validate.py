@@ -33,11 +33,11 @@ def test_ema_checkpoint_validates_to_logged_metric(trained, capsys):
     ck = load_checkpoint(res["best_checkpoint"])
     assert ck["eval_on_ema"] and ck["state_dict_ema"] is not None
     out = validate.main([root, "--checkpoint", res["best_checkpoint"], "--workers", "0"])
-    assert out[0]["weights"] == "ema"  # auto: the best metric came from the EMA weights
+    assert out[0]["weights"] == "ema"  # auto: the checkpoint holds EMA weights
     assert f"{out[0]['top1']:.3f}" == f"{res['best_metric']:.3f}"
     assert "top-1: " in capsys.readouterr().out.strip().splitlines()[-1]
     raw = validate.main([root, "--checkpoint", res["best_checkpoint"], "--workers", "0", "--no-ema"])
-    assert raw[0]["weights"] == "checkpoint"
+    assert raw[0]["weights"] == "model"
     with open(os.path.join(res["output"], "summary.csv")) as f:  # the non-EMA top-1 train.py logged that epoch
         row = [r for r in csv.DictReader(f) if int(r["epoch"]) == res["best_epoch"]][0]
     assert f"{raw[0]['top1']:.3f}" == f"{float(row['eval_top1']):.3f}"

@@ -121,9 +121,8 @@ MUTANTS = [
     dict(id=32, file="training/checkpoint.py", what="top-k ranking ties broken by the later epoch",
          old="ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], r[1]))",
          new="ranked.sort(key=lambda r: (r[0] if self.decreasing else -r[0], -r[1]))", tests=TRAIN_TESTS),
-    dict(id=33, file="ddf/state_dict.py", what="EMA weights ignored when the checkpoint records eval_on_ema",
-         old="            use_ema = bool(recorded) if recorded is not None else ema is not None",
-         new="            use_ema = False if recorded is not None else ema is not None",
+    dict(id=33, file="ddf/state_dict.py", what="default: EMA weights ignored when the checkpoint holds them",
+         old="        return ema is not None\n", new="        return False\n",
          tests=TRAIN_TESTS + ["tests/test_state_dict.py"]),
     # ---- added 2026-12-05 with the code they mutate
     dict(id=34, file="ddf/modules.py", what="spatial branch's 1x1 conv drops its bias on NCHW CPU tensors",

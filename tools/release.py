@@ -30,7 +30,11 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the released file(s) (created if needed)")
     p.add_argument("--average", type=int, default=None, metavar="N",
                    help="average the N best checkpoints of the run folder's top-k index (checkpoints.json)")
-    p.add_argument("--no-ema", action="store_true", default=False,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--use-ema", dest="use_ema", action="store_const", const=True, default=None,
+                   help="release the EMA weights (an error when the checkpoint has none). Default: the EMA weights "
+                        "whenever the checkpoint holds them, as validate.py and pretrained loading (ddf.state_dict)")
+    g.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
                    help="release the plain weights even when the checkpoint has EMA weights")
     p.add_argument("--pth", action="store_true", default=False, help="also write <model>-<sha8>.pth")
     return p
@@ -44,7 +48,7 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ReleaseError(f"--out: {out} exists and is not a folder")
-    rel = from_source(args.source, average=args.average, use_ema=not args.no_ema)  # every input checked first
+    rel = from_source(args.source, average=args.average, use_ema=args.use_ema)  # every input checked first
     check_output_dir(out, "--out")
     paths = write_release(rel, out, pth=args.pth)
     m = rel.metadata

@@ -2,7 +2,8 @@
 (and ``.pth``), and reading such a file back. ``tools/release.py`` is the command line; ``validate.py`` reads the
 files with :func:`read_release`.
 
-A release holds only tensors (the model's state dict: the EMA weights when the checkpoint has them, unless
+A release holds only tensors (the model's state dict, chosen by :func:`ddf.state_dict.ema_chosen`'s rule, the
+same as validate.py's and pretrained loading's: the EMA weights when the checkpoint has them, unless
 ``use_ema=False``; or the mean of the run's N best top-k checkpoints) and string metadata (:data:`META_KEYS`):
 ``model``, ``top1`` (the top-1 the run measured on exactly these weights, ``not measured`` for an average),
 ``epoch``, ``args_sha256`` (of the run's recorded options), ``weights`` and what ``validate.py`` needs to give the
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ddf.state_dict import unwrap_state_dict
+from ddf.state_dict import ema_chosen, unwrap_state_dict
 
 from .checkpoint import BEST_NAME, INDEX_NAME, CheckpointError, is_run_folder, load_checkpoint, read_index, \
     write_verified
@@ -68,9 +69,12 @@ def _load(path: str, arg: str) -> Dict:
     return ckpt
 
 
-def _weights(ckpt: Dict, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """(state dict, is EMA): the EMA weights when present and ``use_ema``, else the plain ones."""
-    ema = use_ema and isinstance(ckpt.get("state_dict_ema"), dict) and bool(ckpt["state_dict_ema"])
+def _weights(ckpt: Dict, use_ema: Optional[bool], arg: str) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """(state dict, is EMA) by ``ddf.state_dict``'s rule (None: EMA when present); ReleaseError naming ``arg``."""
+    try:
+        ema = ema_chosen(ckpt, use_ema)
+    except ValueError as e:
+        raise ReleaseError(f"{arg}: {e}") from None
     sd = unwrap_state_dict(ckpt, use_ema=ema)
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}, ema
 
@@ -118,7 +122,7 @@ def _index_rows(folder: str) -> Optional[List[Dict]]:
         return None
 
 
-def _average(folder: str, n: int, use_ema: bool) -> Release:
+def _average(folder: str, n: int, use_ema: Optional[bool]) -> Release:
     """The mean of the ``n`` best checkpoints the run folder's index ranks (float tensors averaged in float64 and
     cast back; integer tensors, e.g. BatchNorm's ``num_batches_tracked``, from the best one)."""
     index_path = os.path.join(folder, INDEX_NAME)
@@ -136,7 +140,7 @@ def _average(folder: str, n: int, use_ema: bool) -> Release:
     archs = sorted({c["arch"] for c in ckpts})
     if len(archs) > 1:
         raise ReleaseError(f"--average {n}: the checkpoints are of different models {archs}")
-    states = [_weights(c, use_ema) for c in ckpts]
+    states = [_weights(c, use_ema, f"--average {n}") for c in ckpts]
     emas = {e for _, e in states}
     if len(emas) > 1:
         raise ReleaseError(f"--average {n}: some of the checkpoints have EMA weights and some do not; use --no-ema")
@@ -157,7 +161,7 @@ def _mean(states: List[Dict[str, torch.Tensor]], names: List[str], arg: str) -> 
             for k, v in best.items()}
 
 
-def from_source(source: str, average: Optional[int] = None, use_ema: bool = True) -> Release:
+def from_source(source: str, average: Optional[int] = None, use_ema: Optional[bool] = None) -> Release:
     """A release of ``source`` (a run folder: its ``model_best.pth.tar``, or one checkpoint file), or of the mean of
     a run folder's ``average`` best top-k checkpoints. :class:`ReleaseError` naming the argument on bad input."""
     arg = "RUN_DIR_OR_CHECKPOINT"
@@ -176,7 +180,7 @@ def from_source(source: str, average: Optional[int] = None, use_ema: bool = True
     if folder and not os.path.isfile(path):
         raise ReleaseError(f"{arg}: run folder {folder} has no {BEST_NAME} (no epoch with a metric finished yet)")
     ckpt = _load(path, arg)
-    sd, ema = _weights(ckpt, use_ema)
+    sd, ema = _weights(ckpt, use_ema, arg)
     top1 = _top1(ckpt, ema, _index_rows(os.path.dirname(os.path.abspath(path))))
     meta = _metadata(ckpt, ema, top1, str(ckpt.get("epoch", "")), "ema" if ema else "plain", os.path.basename(path))
     return Release(ckpt["arch"], sd, meta)
