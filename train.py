@@ -121,9 +121,15 @@ def _optim_options(p) -> None:
     g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     g.add_argument("--sched", default="cosine")
     g.add_argument("--sched-on-updates", action="store_true", default=False, help="step the schedule every update")
-    g.add_argument("--lr", type=float, default=None, help="learning rate; default lr-base * global batch / lr-base-size")
-    g.add_argument("--lr-base", type=float, default=0.1)
-    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate, used as given (default: from --lr-base and the global batch, see there)")
+    g.add_argument("--lr-base", type=float, default=0.1,
+                   help="without --lr: lr = lr-base x (global batch / lr-base-size), the ratio under a square root "
+                        "for --lr-base-scale sqrt (timm's rule)")
+    g.add_argument("--lr-base-size", type=int, default=256, help="the global batch --lr-base is given for")
+    g.add_argument("--lr-base-scale", default="", choices=("", "linear", "sqrt"),
+                   help="how the lr follows the global batch; '': sqrt for the Ada*/LAMB optimizers, else linear "
+                        "(as timm)")
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--epochs", type=int, default=120)
@@ -572,9 +578,23 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool = False) -> No
 
 
 # ------------------------------------------------------------------------------------------ optimiser, schedule
+def effective_lr(args, world_size: int) -> Tuple[float, str]:
+    """(lr, how it was found) for ``world_size`` processes x ``--batch-size``: ``--lr`` when given, else timm's rule
+    ``lr-base x (global batch / lr-base-size)``, the ratio under a square root for ``--lr-base-scale sqrt`` (by
+    default for the Ada*/LAMB optimizers). The configs give ``lr_base``/``lr_base_size``, so a run on fewer GPUs
+    scales down: 0.1 per 256 gives 0.4 on 8 x 128 and 0.2 on 4 x 128."""
+    global_batch = args.batch_size * world_size
+    if args.lr is not None:
+        return args.lr, "given"
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    ratio = global_batch / args.lr_base_size
+    lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+    root = "sqrt" if scale == "sqrt" else ""
+    return lr, f"lr-base {args.lr_base:g} x {root}({global_batch} / {args.lr_base_size})"
+
+
 def build_optimisation(args, model: nn.Module, ema, data: SimpleNamespace, rt: runtime.Runtime):
-    global_batch = args.batch_size * rt.world_size
-    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
+    lr, _ = effective_lr(args, rt.world_size)
     args.lr_effective = lr
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                     **({"eps": args.opt_eps} if args.opt_eps is not None else {}))
@@ -736,9 +756,11 @@ def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str
         atomic_write(os.path.join(out_dir, "args.yaml"), yaml.safe_dump(plain_args(args), sort_keys=True))
         saver = CheckpointSaver(out_dir, top_k=args.checkpoint_hist, decreasing=args.eval_metric == "loss")
         runlog = runtime.RunLog(out_dir, tensorboard=not args.no_tensorboard)
-    _logger.info("output: %s | %d process(es) on %s | precision: %s | global batch %d, lr %.4g | %d epochs x %d "
-                 "steps | op: %s | %s", out_dir, rt.world_size, rt.device, args.precision, args.batch_size * rt.world_size,
-                 args.lr_effective, plan.epochs, plan.steps_per_epoch, op, "demo dataset" if args.demo else data.train.source)
+    _logger.info("output: %s | %d process(es) on %s | precision: %s | global batch %d (%d x %d), lr %.4g (%s) | "
+                 "%d epochs x %d steps | op: %s | %s", out_dir, rt.world_size, rt.device, args.precision,
+                 args.batch_size * rt.world_size, rt.world_size, args.batch_size, args.lr_effective,
+                 effective_lr(args, rt.world_size)[1],
+                 plan.epochs, plan.steps_per_epoch, op, "demo dataset" if args.demo else data.train.source)
     meta = {"version": CKPT_VERSION, "arch": args.model, "args": plain_args(args), "num_classes": data.num_classes,
             "class_names": data.train.classes, "model_kwargs": dict(args.model_kwargs),
             "convert": dict(args.convert_kwargs) if args.convert else None,

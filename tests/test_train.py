@@ -43,6 +43,7 @@ def test_demo_end_to_end_and_validate_reprints(demo_root, tmp_path, capsys):
     m = BEST_RE.search(out)
     assert m, out[-2000:]
     assert "img/s" in out and "ETA" in out  # live progress line
+    assert "| global batch 16 (1 x 16), lr 0.003 (given) |" in out  # the demo config's lr, with the global batch
     run = os.path.join(str(tmp_path), "e2e")
     for f in ("last.pth.tar", "model_best.pth.tar", "summary.csv", "args.yaml", "checkpoints.json"):
         assert os.path.isfile(os.path.join(run, f)), f
@@ -212,8 +213,12 @@ def test_config_parses_and_names_a_creatable_model(path):
     assert sum(p.numel() for p in model.parameters()) > 0
     if os.path.basename(path) != "demo.yaml":  # the paper's protocol
         assert (args.opt, args.momentum, args.weight_decay, args.sched) == ("sgd", 0.9, 1e-4, "cosine")
-        assert (args.epochs, args.min_lr, args.img_size, args.lr, args.batch_size) == (120, 1e-5, 224, 0.4, 128)
-        assert args.lr / (args.batch_size * 8) * 256 == pytest.approx(0.1)
+        assert (args.epochs, args.min_lr, args.img_size, args.lr, args.batch_size) == (120, 1e-5, 224, None, 128)
+        assert (args.lr_base, args.lr_base_size) == (0.1, 256)  # the lr follows the global batch (issue 28 item 5)
+        assert train.effective_lr(args, 8) == (pytest.approx(0.4), "lr-base 0.1 x (1024 / 256)")
+        assert train.effective_lr(args, 4)[0] == pytest.approx(0.2)
+        explicit = train.parse_args(["--config", path, "/some/imagenet", "--lr", "0.4"])
+        assert train.effective_lr(explicit, 4) == (0.4, "given")  # an explicit --lr wins over the config's rule
 
 
 def test_original_command_line_and_overrides():
@@ -224,6 +229,12 @@ def test_original_command_line_and_overrides():
     cfg = os.path.join(ROOT, "configs", "ablation_r50_se0.3.yaml")
     a = train.parse_args(["--config", cfg, "/x", "--lr", "0.1", "--model-kwargs", "filters=channel", "se_ratio=0.4"])
     assert a.lr == 0.1 and a.model_kwargs == {"se_ratio": 0.4, "filters": "channel"}
+    a = train.parse_args("/imagenet --model ddf_mul_resnet50 --lr 0.4 -b 128".split())
+    assert train.effective_lr(a, 8) == (0.4, "given")
+    a = train.parse_args("/imagenet --model ddf_mul_resnet50 -b 128 --opt adamw --lr-base 0.001".split())
+    assert train.effective_lr(a, 8)[0] == pytest.approx(0.001 * 2)  # timm: sqrt(1024 / 256) for Ada* optimizers
+    a.lr_base_scale = "linear"
+    assert train.effective_lr(a, 8)[0] == pytest.approx(0.001 * 4)
     a = train.parse_args([])  # no data: the demo config
     assert a.data is None and a.model == "ddf_mul_resnet_tiny" and a.config.endswith("demo.yaml")
 
