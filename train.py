@@ -388,7 +388,11 @@ def choose_run_folder(args, ckpt: Optional[Dict] = None, held: Optional[run_fold
     else:
         out = os.path.join(args.output, datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + args.model)
     out = os.path.abspath(out)
-    check_output_dir(out, "--output/--experiment")  # a file in the way, an unwritable parent: one clear error
+    # a file in the way, an unwritable parent: one clear error; the run folder itself is made by the claim, which
+    # records that this run created it (a failed set-up then removes it again: set_up_or_discard)
+    check_output_dir(out if os.path.isdir(out) else os.path.dirname(out), "--output/--experiment")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output/--experiment: {out} is not a folder (a file is in the way)")
     return run_folder.claim_new(out, _holds_run)
 
 
@@ -476,7 +480,7 @@ def prepare_output(args, rt: runtime.Runtime) -> Tuple[str, Optional[run_folder.
             check_output_dir(out[0], "--output/--experiment")
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.discard()
         raise
     return out[0], lock
 
@@ -635,12 +639,14 @@ def dist_bn_mode(args, distributed: bool) -> str:
 
 
 def wrap_model(args, parts: TrainParts, rt: runtime.Runtime) -> None:
-    """torch.compile and DDP, after the weights are final (resume loads into the bare model)."""
-    if args.torch_compile:
-        parts.model = torch.compile(parts.model, backend=args.torch_compile)
+    """DDP, then torch.compile of the DDP module (timm's order; dynamo then splits the graph at DDP's gradient
+    buckets, so communication overlaps the backward), after the weights are final (resume loads into the bare
+    model)."""
     if rt.distributed:
         parts.model = nn.parallel.DistributedDataParallel(
             parts.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if args.torch_compile:
+        parts.model = torch.compile(parts.model, backend=args.torch_compile)
 
 
 # ------------------------------------------------------------------------------------------------------- resume
@@ -730,13 +736,27 @@ def run(args, rt: runtime.Runtime, stop: runtime.GracefulStop) -> Dict:
         raise cli.UsageError(str(exc)) from None
     out_dir, lock = prepare_output(args, rt)
     try:  # rank 0 holds the run folder's lock for the run's whole life
-        return train_in(args, rt, stop, out_dir, op)
+        return train_in(args, rt, stop, out_dir, op, set_up_or_discard(args, rt, lock))
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str, op: str) -> Dict:
+def set_up_or_discard(args, rt: runtime.Runtime, lock: Optional[run_folder.RunLock]) -> SimpleNamespace:
+    """:func:`set_up`; when it fails (bad data, bad model), rank 0 removes the run folder it claimed if this run
+    created it and it holds nothing but the lock (:meth:`training.run_folder.RunLock.discard`), so a failed start
+    leaves no empty run folder; a folder that existed before or holds anything else is kept."""
+    try:
+        return set_up(args, rt)
+    except BaseException:
+        if lock is not None:
+            lock.discard()
+        raise
+
+
+def set_up(args, rt: runtime.Runtime) -> SimpleNamespace:
+    """Data, model, optimiser and schedule, resume, compile/DDP: everything that can fail on a bad option or input
+    before the run writes anything into its (already claimed) folder."""
     args.demo = False
     data = build_data(args, rt)
     model, ema, data_config = build_model(args, data.num_classes, rt)
@@ -751,6 +771,15 @@ def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str
     else:
         parts.scheduler.step(start_epoch)
     wrap_model(args, parts, rt)
+    return SimpleNamespace(data=data, data_config=data_config, parts=parts, plan=plan, sig=sig, ckpt=ckpt,
+                           start_epoch=start_epoch, start_step=start_step)
+
+
+def train_in(args, rt: runtime.Runtime, stop: runtime.GracefulStop, out_dir: str, op: str,
+             setup: SimpleNamespace) -> Dict:
+    data, data_config, parts, plan, sig = setup.data, setup.data_config, setup.parts, setup.plan, setup.sig
+    start_epoch, start_step, ckpt = setup.start_epoch, setup.start_step, setup.ckpt
+    setup.ckpt = None
     saver = runlog = None
     if rt.primary:
         atomic_write(os.path.join(out_dir, "args.yaml"), yaml.safe_dump(plain_args(args), sort_keys=True))

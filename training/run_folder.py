@@ -7,7 +7,10 @@ and taken over with a log line; a lock that another live process holds never is.
 without ``flock``, a lock written by a process of this host that is still running) a recorded pid that is alive on
 this host, and did not mark its lock released, also counts as live. Only rank 0 claims; the other ranks are told
 the folder. The lock file is never deleted (deleting a locked file would let a third process lock a new file of
-the same name): a run that ends marks it ``"released"``.
+the same name): a run that ends marks it ``"released"``. The one exception is :meth:`RunLock.discard`: a run whose
+set-up failed (bad data, bad model) removes the folder it created itself while it holds nothing but the lock (and
+the run's own ``args.yaml``), so a failed start leaves no empty run folder; a claimer that opened the lock file
+just before it was removed sees it unlinked after locking and moves on (:func:`try_lock`).
 """
 from __future__ import annotations
 
@@ -79,8 +82,9 @@ def _write_holder(fd: int, holder: Dict) -> None:
 class RunLock:
     """The lock a run holds on its folder; :meth:`release` when the run ends (the kernel does when it dies)."""
 
-    def __init__(self, folder: str, fd: int):
+    def __init__(self, folder: str, fd: int, created: bool = False):
         self.folder, self.path, self._fd = folder, os.path.join(folder, LOCK_NAME), fd
+        self.created = created  # this claim made the folder (it did not exist before)
 
     @property
     def held(self) -> bool:
@@ -100,6 +104,30 @@ class RunLock:
             self._fd = -1
 
 
+    def discard(self, own_files=("args.yaml",)) -> bool:
+        """After a failed set-up: remove the folder when this claim created it and it holds nothing but the lock
+        and ``own_files``; release the lock either way. True when the folder was removed. The files go while the
+        lock is still held, the lock file last, and ``rmdir`` keeps the folder when another claim wrote into it."""
+        if self._fd < 0:
+            return False
+        try:
+            names = set(os.listdir(self.folder))
+            if not self.created or not names <= {LOCK_NAME, *own_files}:
+                return False
+            for name in sorted(names - {LOCK_NAME}) + [LOCK_NAME]:
+                os.unlink(os.path.join(self.folder, name))
+            os.rmdir(self.folder)
+            return True
+        except OSError:
+            return False
+        finally:
+            if os.path.exists(self.path):
+                self.release()
+            elif self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 def _flock(fd: int) -> bool:
     """True when this process now holds the exclusive lock; False when another process holds it."""
     if fcntl is None:
@@ -117,11 +145,12 @@ def _flock(fd: int) -> bool:
 def try_lock(folder: str) -> Optional[RunLock]:
     """Lock ``folder`` (created if needed) for this process, or None when a live run holds it. A lock left by a
     process that is gone is taken over, with a log line naming it."""
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        if not _flock(fd):
+        if not _flock(fd) or os.fstat(fd).st_nlink == 0:  # held, or removed by a discard since we opened it
             os.close(fd)
             return None
         holder = _read_holder(fd)
@@ -140,7 +169,7 @@ def try_lock(folder: str) -> Optional[RunLock]:
             except OSError:
                 pass
         raise
-    return RunLock(folder, fd)
+    return RunLock(folder, fd, created)
 
 
 def claim_existing(folder: str) -> RunLock:
