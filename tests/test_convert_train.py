@@ -18,7 +18,7 @@ import ddf
 import train
 import validate
 from training.checkpoint import load_checkpoint
-from test_options_timm import demo_root, one_error_line, run_cli, snapshot  # noqa: F401  (fixture)
+from test_options_timm import one_error_line, run_cli, snapshot
 
 MODEL = "resnet10t"
 CONVERT = ("--convert", "--convert-kwargs", "include=layer[234].*", "head=2")

@@ -15,14 +15,6 @@ import train
 import validate
 from training import cli
 from training.checkpoint import load_checkpoint
-from training.demo_data import build_demo_dataset
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo") / "ddf_demo")
-    build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
-    return root
 
 
 def tiny_args(demo_root, out, name, *extra):

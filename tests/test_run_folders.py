@@ -23,15 +23,7 @@ import validate
 from training import cli, run_folder
 from training.checkpoint import CheckpointError, CheckpointSaver, load_checkpoint, save_checkpoint
 from training.data import DatasetError
-from training.demo_data import build_demo_dataset
 from training.io import atomic_write
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("runs") / "ddf_demo")
-    build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
-    return root
 
 
 def common(demo_root, out, *extra):

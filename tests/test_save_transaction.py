@@ -20,7 +20,6 @@ import sys
 import pytest
 
 from training.checkpoint import load_checkpoint
-from training.demo_data import build_demo_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_ENV = "DDF_TEST_KILL_AT"
@@ -103,13 +102,6 @@ def runner(tmp_path_factory):
     r = Runner(str(tmp_path_factory.mktemp("logs")))
     yield r
     r.close()
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tx") / "ddf_demo")
-    build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
-    return root
 
 
 def run_args(demo_root, run, *extra):

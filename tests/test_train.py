@@ -17,16 +17,8 @@ import train
 import validate
 from training.checkpoint import CheckpointSaver, load_checkpoint, save_checkpoint
 from training.data import DatasetError, create_dataset
-from training.demo_data import build_demo_dataset
 
 BEST_RE = re.compile(r"^best top-1: (\d+\.\d+) \(epoch (\d+)\) checkpoint: (\S+)$", re.M)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo") / "ddf_demo")
-    build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
-    return root
 
 
 def tiny_args(demo_root, out, name, *extra):

@@ -30,13 +30,6 @@ from training.runtime import ignore_stop_signals, stop_signals_blocked
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("faults") / "ddf_demo")
-    build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
-    return root
-
-
 @pytest.fixture
 def ddf_log():
     """Messages of the 'ddf' loggers (they do not propagate to the root logger once train.py set up logging)."""
