@@ -324,3 +324,86 @@ def test_autotuned_path_with_the_benchmark_mocked(gpu_path, monkeypatch):
         assert chosen is [c for t, c in timed if t is tuned][-1]
     _check_against_reference()  # second call: cached, not timed again
     assert len(timed) == 2 * n_kept
+
+
+# --------------------------------------------------------------------------- register pressure and occupancy
+@pytest.mark.parametrize("arch,regs,warps,shared,want", [
+    (80, 128, 4, 2048, 16),   # 65536 / (128 * 32 * 4) = 4 programs
+    (90, 255, 4, 4096, 8),    # rounded up to 256 a thread: 2 programs (the triton 3.6 forward before)
+    (90, 183, 4, 2048, 8),    # 184 * 128 * 2 < 65536 < 184 * 128 * 3
+    (80, 64, 4, 2048, 32),
+    (90, 16, 4, 0, 64),       # capped by 64 warps per SM, no shared-memory term
+    (80, 32, 4, 100 * 1024, 4),  # shared memory: one program of 100 KB in 164 KB
+    (90, 32, 4, 100 * 1024, 8),  # two in 228 KB
+    (75, 64, 4, 1024, 32),    # sm_75: 32 warps per SM
+    (80, 72, 8, 1024, 24),    # 72 * 32 * 8 = 18432: 3 programs of 8 warps
+])
+def test_resident_warps_model(arch, regs, warps, shared, want):
+    from ddf.backends.triton import compile_check
+
+    assert compile_check.resident_warps(arch, regs, warps, shared) == want
+    assert compile_check.resident_warps(120, regs, warps, shared) is None  # no limits known: not guessed
+
+
+def test_the_compile_check_fails_over_128_registers():
+    from ddf.backends.triton import compile_check
+
+    row = {"error": "", "spills": 0, "registers": 128}
+    assert compile_check.failures(row) == []
+    assert compile_check.failures(dict(row, registers=129)) == ["129 > 128 registers"]
+    assert compile_check.failures(dict(row, spills=32)) == ["32 bytes spilled"]
+    assert compile_check.failures(dict(row, error="CompilationError: x")) == ["compile error"]
+
+
+def test_every_autotune_config_fits_the_budget_at_k3():
+    """The default AOT table compiles every autotune config (fp32, k=3): each must be within the tile budget."""
+    assert all(launch._fits(c, 16, False) for c in launch.tile_configs())
+
+
+@pytest.mark.parametrize("f64", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_filters_config_fits_and_is_what_the_aot_check_compiles(k, f64, monkeypatch):
+    """Backward pass 1 on a GPU: BLOCK_C, BLOCK_P *and* num_warps as compile_check compiles them, the tile within its
+    budget (half the forward's per warp, an eighth in fp64) unless already at 32 warps."""
+    from ddf.backends.triton import compile_check
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    kk_pad = 1 << (k * k - 1).bit_length()
+    block_c, block_p, _, warps = compile_check._configs("bwd_filters", k, f64, False)[0]
+    per_warp = launch._TILE_BUDGET // (8 if f64 else 2)
+    assert block_c * kk_pad * block_p <= per_warp * warps or warps == 32
+    assert launch.filters_config(kk_pad, f64, 8, 64) == {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": warps}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_filters_pass_launches_with_its_num_warps(dtype, launches, monkeypatch):
+    from ddf.backends.triton import compile_check
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    go, x, ch, sp = _inputs(dtype)
+    launch._filters_pass(go, x, ch, sp, torch.empty_like(sp), SHAPE[4], 1, 1, SHAPE[5], 0, False, 1.0)
+    (kernel, grid, args, kwargs), = launches
+    block_c, block_p, _, warps = compile_check._configs("bwd_filters", SHAPE[4], dtype == torch.float64, False)[0]
+    assert kernel is launch.ddf_bwd_filters_kernel
+    assert (kwargs["BLOCK_C"], kwargs["BLOCK_P"], kwargs["num_warps"]) == (block_c, block_p, warps)
+
+
+def test_default_variants_fit_128_registers_unspilled():
+    """The launcher's default config of each kernel, compiled for sm_80 as the AOT check does, in the variants that
+    needed the most registers before (triton 3.8: bwd_filters fp32 channels_last FilterNorm, 183; triton 3.6: the
+    fp32 forward, 232-255, and bwd_input, 255): <= 128 registers, no spills. Compiled kernels: a subprocess."""
+    code = r"""
+from ddf.backends.triton import compile_check as cc
+rows = []
+for kernel, layout, norm in (("fwd", "nchw", True), ("bwd_filters", "nhwc", True), ("bwd_input", "nchw", False)):
+    bc, bp, cb, w = cc._configs(kernel, 3, False, False)[0]
+    v = cc.Variant(kernel, "fp32", layout, True, norm, 3, bc, bp, cb, w)
+    row = cc.compile_variant((v, 80))
+    print(row)
+    assert not cc.failures(row), row
+    assert row["warps_per_sm"] >= 16, row
+print("REGS_OK")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "REGS_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -6,6 +6,16 @@ by the ``ptxas`` that ships with Triton (``ptxas -v``), which reports registers,
 shared memory. Layouts are compiled as the JIT specialises them: the unit stride of a contiguous tensor (x) or of
 a channels_last one (c) is a compile-time 1.
 
+A variant fails the check on a compile error, any spill, or more than :data:`MAX_REGISTERS` registers a thread.
+Next to each variant the table writes its resident warps per SM (:func:`resident_warps`), an occupancy *model*,
+not a measurement: registers are allocated per warp in units of 8 a thread, so a program of ``num_warps`` warps
+needs ``ceil(regs / 8) * 8 * 32 * num_warps`` of the SM's 65536 registers; the SM holds
+``min(max_blocks, floor(max_warps / num_warps), floor(65536 / (ceil(regs / 8) * 8 * 32 * num_warps)),
+floor(smem_per_SM / shared))`` programs (the last term only for ``shared > 0``) and thus that many times
+``num_warps`` warps. Limits per SM (:data:`SM_LIMITS`): sm_90 64 warps, 32 blocks, 228 KB shared memory; sm_80
+64 warps, 32 blocks, 164 KB; sm_75 32 warps, 16 blocks, 64 KB. Not modelled: the 1 KB of shared memory the driver
+reserves per block, the shared-memory carve-out (L1 vs shared) the driver picks, and per-block register limits.
+
 Used by ``python grad_check.py --compile-only [--arch sm_75,sm_80,sm_90] [--all]``.
 """
 from __future__ import annotations
@@ -24,7 +34,15 @@ import triton
 from . import kernels
 from .launch import _prune, gpu_filters_blocks, tile_configs
 
-__all__ = ["Variant", "variants", "compile_variant", "run", "format_table"]
+__all__ = ["Variant", "variants", "compile_variant", "run", "format_table", "resident_warps", "failures",
+           "MAX_REGISTERS", "SM_LIMITS"]
+
+#: registers a thread above which a variant fails the check (>= 16 resident warps per SM on sm_80/sm_90)
+MAX_REGISTERS = 128
+#: per SM: (max resident warps, max resident blocks, shared memory in bytes), see the module docstring
+SM_LIMITS = {75: (32, 16, 64 * 1024), 80: (64, 32, 164 * 1024), 86: (48, 16, 100 * 1024), 89: (48, 24, 100 * 1024),
+             90: (64, 32, 228 * 1024)}
+_REGS_PER_SM = 65536
 
 _DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64"}
 _KERNELS = {"fwd": kernels.ddf_fwd_kernel, "bwd_filters": kernels.ddf_bwd_filters_kernel,
@@ -59,8 +77,8 @@ class Variant:
 def _configs(kernel: str, k: int, f64: bool, all_configs: bool):
     kk_pad = triton.next_power_of_2(k * k)
     if kernel == "bwd_filters":
-        block_c, block_p = gpu_filters_blocks(kk_pad, f64)
-        return [(block_c, block_p, 1, 4)]
+        block_c, block_p, warps = gpu_filters_blocks(kk_pad, f64)  # what launch.filters_config launches
+        return [(block_c, block_p, 1, warps)]
     kept = _prune(tile_configs(), {}, KK_PAD=kk_pad, ACC_F64=f64)  # the launcher's pruning: [0] is tile_config
     out = [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.kwargs["CB"], c.num_warps) for c in kept]
     return out if all_configs else out[:1]
@@ -140,9 +158,35 @@ def compile_variant(args) -> dict:
         compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": v.num_warps})
         row.update(_ptxas_report(compiled.asm["ptx"], arch), shared=int(compiled.metadata.shared), error="")
+        row["warps_per_sm"] = resident_warps(arch, row["registers"], v.num_warps, row["shared"])
     except Exception as exc:  # a compile error is a result to report, not a crash of the whole table
-        row.update(registers=-1, spills=-1, shared=-1, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        row.update(registers=-1, spills=-1, shared=-1, warps_per_sm=None,
+                   error=f"{type(exc).__name__}: {str(exc)[:300]}")
     return row
+
+
+def resident_warps(arch: int, registers: int, num_warps: int, shared: int) -> Optional[int]:
+    """Resident warps per SM of a program (model in the module docstring); None for an arch not in SM_LIMITS."""
+    if arch not in SM_LIMITS or registers <= 0:
+        return None
+    max_warps, max_blocks, smem = SM_LIMITS[arch]
+    regs_per_block = -(-registers // 8) * 8 * 32 * num_warps
+    blocks = min(max_blocks, max_warps // num_warps, _REGS_PER_SM // regs_per_block)
+    if shared > 0:
+        blocks = min(blocks, smem // shared)
+    return blocks * num_warps
+
+
+def failures(row: dict) -> List[str]:
+    """Why a table row fails the check (empty: it passes): compile error, spills, registers over MAX_REGISTERS."""
+    if row["error"]:
+        return ["compile error"]
+    out = []
+    if row["spills"] > 0:
+        out.append(f"{row['spills']} bytes spilled")
+    if row["registers"] > MAX_REGISTERS:
+        out.append(f"{row['registers']} > {MAX_REGISTERS} registers")
+    return out
 
 
 def parse_archs(text: str) -> List[int]:
@@ -163,8 +207,11 @@ def run(archs: List[int], all_variants: bool = False, workers: Optional[int] = N
 
 
 def format_table(rows: List[dict]) -> str:
-    lines = [f"{'kernel':<12} {'variant':<44} {'arch':<6} {'regs':>5} {'spills':>6} {'smem':>6}  error"]
+    lines = [f"{'kernel':<12} {'variant':<44} {'arch':<6} {'regs':>5} {'spills':>6} {'smem':>6} {'warps/SM':>8}  "
+             "error / failure"]
     for r in rows:
+        warps = "?" if r.get("warps_per_sm") is None else r["warps_per_sm"]
+        note = r["error"] or "; ".join(failures(r))
         lines.append(f"{r['kernel']:<12} {r['variant']:<44} {r['arch']:<6} {r['registers']:>5} {r['spills']:>6} "
-                     f"{r['shared']:>6}  {r['error']}")
+                     f"{r['shared']:>6} {warps:>8}  {note}")
     return "\n".join(lines)

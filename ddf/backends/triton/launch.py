@@ -6,7 +6,7 @@ capture), and the config that the AOT check compiles for each variant. ``DDF_TRI
 autotuner over :func:`tile_configs` (``key``: channels per head, output size, k, dtype; the first call per shape
 compiles and times every config), except where that could hurt a run (:func:`autotune_wanted`). Under Triton's
 interpreter (CPU tensors) one large-block config runs, because the interpreter's cost grows with the number of
-program instances. Pass 1 of the backward uses fixed block sizes
+program instances. Pass 1 of the backward uses fixed block sizes and warps (:func:`gpu_filters_blocks`)
 (its grad_channel partial buffer is sized by the pixel block). Kernels are launched through ``wrap_triton`` so that
 ``torch.compile`` sees them inside the op; under the interpreter they are called directly (see :func:`_launcher`).
 Triton launches on the *current* CUDA device and stream, so every launch (:func:`_launch`) is made inside
@@ -32,22 +32,32 @@ __all__ = ["forward", "backward", "INTERPRET", "tile_configs", "tile_config", "a
 #: triton.jit read TRITON_INTERPRET when the kernels were decorated (import time of .kernels)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE_ENV = "DDF_TRITON_AUTOTUNE"
-_TILE_BUDGET = 4096  # elements of a [BLOCK_C, KK_PAD, BLOCK_P] tile per program on a GPU (keeps registers unspilled)
+#: elements of a [BLOCK_C, KK_PAD, BLOCK_P] tile per *warp* (8 a thread) in the forward / grad_input kernels on a
+#: GPU, half that in fp64; backward pass 1 has its own share of it (:func:`gpu_filters_blocks`). At this budget every
+#: variant that compile_check compiles by default fits <= 128 registers a thread with no spills on sm_75/80/90 with
+#: triton 3.6 and 3.8; at twice it (2048 elements at 4 warps) triton 3.6 needed 153 registers, and at the budget
+#: before (1024 a warp) up to 255, with spills.
+_TILE_BUDGET = 256
 
 
 def tile_configs():
-    """The autotune configs of the forward / grad_input kernels (pruned per k by :func:`_prune`)."""
+    """The autotune configs of the forward / grad_input kernels (pruned per k by :func:`_prune`), in the order of
+    preference of :func:`tile_config`, whose first fitting config is C2xP32xCB8 w4 for k=1 and fp32/fp16/bf16 k=3 (16
+    channels a program: one spatial-tile read per 16 channels of a head), C1xP32xCB16 w4 for fp64 k=3 and fp32 k=5,
+    C1xP32xCB32 w8 for fp64 k=5 and fp32 k=7, C1xP16xCB32 w8 for fp64 k=7. Every config fits the budget at k=3 in
+    fp32 (all are autotune candidates there, and the AOT check compiles them all)."""
     configs = []
-    for block_c, block_p, cb, warps in ((8, 32, 1, 4), (4, 64, 1, 4), (8, 32, 4, 4), (4, 64, 4, 4), (2, 64, 8, 4),
-                                        (2, 32, 16, 2), (1, 64, 16, 4), (1, 32, 32, 2)):
+    for block_c, block_p, cb, warps in ((2, 32, 8, 4), (1, 64, 16, 4), (4, 32, 4, 8), (2, 64, 4, 8), (1, 32, 16, 4),
+                                        (1, 32, 32, 8), (1, 16, 32, 8), (1, 32, 32, 2)):
         configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_P": block_p, "CB": cb}, num_warps=warps))
     return configs
 
 
 def _fits(config, kk_pad: int, f64: bool) -> bool:
-    """A config's [BLOCK_C, KK_PAD, BLOCK_P] tile fits the register budget (1024 elements per warp; half in fp64)."""
+    """A config's [BLOCK_C, KK_PAD, BLOCK_P] tile fits the register budget (:data:`_TILE_BUDGET` elements per warp;
+    half in fp64)."""
     tile = config.kwargs["BLOCK_C"] * kk_pad * config.kwargs["BLOCK_P"]
-    return tile <= _TILE_BUDGET * config.num_warps // (8 if f64 else 4)
+    return tile <= _TILE_BUDGET * config.num_warps // (2 if f64 else 1)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -108,20 +118,25 @@ def interpreter_config(channels: int, pixels: int, kk_pad: int) -> dict:
 
 
 def gpu_filters_blocks(kk_pad: int, f64: bool):
-    """(BLOCK_C, BLOCK_P) of backward pass 1 on a GPU: it keeps more tiles live than the forward, so its tile
-    budget is half the forward's (no register spills on sm_75/80/90, see compile_check)."""
+    """(BLOCK_C, BLOCK_P, num_warps) of backward pass 1 on a GPU: it keeps more tiles live than the forward, so its
+    tile budget per warp is half the forward's, and a quarter of that in fp64 (at half, triton 3.8's ptxas spilled
+    16 bytes in fp64 NCHW add + FilterNorm on sm_80 with 8 warps). BLOCK_P stays 32 (the grad_channel partial buffer
+    grows as 1/BLOCK_P); a tile over the budget of 4 warps (fp64, k >= 5) gets more warps instead, up to 32
+    (<= 128 registers and no spills at k=3 on sm_75/80/90 with triton 3.6 and 3.8, see compile_check)."""
     block_p = 32
-    budget = _TILE_BUDGET // (4 if f64 else 2)
-    return max(1, min(8, budget // (kk_pad * block_p))), block_p
+    per_warp = _TILE_BUDGET // (8 if f64 else 2)
+    block_c = max(1, min(8, 4 * per_warp // (kk_pad * block_p)))
+    warps = min(32, max(4, triton.next_power_of_2(triton.cdiv(block_c * kk_pad * block_p, per_warp))))
+    return block_c, block_p, warps
 
 
 def filters_config(kk_pad: int, f64: bool, channels: int, pixels: int) -> dict:
-    """Block sizes of backward pass 1 (fixed: the grad_channel partial buffer depends on BLOCK_P)."""
+    """Launch parameters of backward pass 1 (fixed: the grad_channel partial buffer depends on BLOCK_P)."""
     if INTERPRET:
         cfg = interpreter_config(channels, pixels, kk_pad)
         return {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_P": cfg["BLOCK_P"]}
-    block_c, block_p = gpu_filters_blocks(kk_pad, f64)
-    return {"BLOCK_C": block_c, "BLOCK_P": block_p}
+    block_c, block_p, warps = gpu_filters_blocks(kk_pad, f64)
+    return {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": warps}
 
 
 def _meta(input, kernel_size, combine):
