@@ -92,6 +92,16 @@ def test_validate_cli_refuses_with_one_line(tmp_path):
     assert not marker.exists()
 
 
+def test_release_refuses_the_payload_with_one_line(tmp_path):
+    path, marker = _evil(tmp_path)
+    out = tmp_path / "release"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "release.py"), path, "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "needs arbitrary code" in r.stderr
+    assert not marker.exists() and not out.exists()
+
+
 def test_trusted_file_loads_with_the_flag_and_converts_to_plain_data(tmp_path):
     model = timm.create_model("ddf_mul_resnet_tiny", num_classes=10)
     old = {"arch": "ddf_mul_resnet_tiny", "state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1),
