@@ -364,14 +364,15 @@ def test_every_autotune_config_fits_the_budget_at_k3():
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 def test_filters_config_fits_and_is_what_the_aot_check_compiles(k, f64, monkeypatch):
     """Backward pass 1 on a GPU: BLOCK_C, BLOCK_P *and* num_warps as compile_check compiles them, the tile within its
-    budget (half the forward's per warp, an eighth in fp64) unless already at 32 warps."""
+    budget (half the forward's per warp, an eighth in fp64) unless already at 32 warps; k >= 5 has the warp counts
+    that compiled unspilled (launch.gpu_filters_blocks)."""
     from ddf.backends.triton import compile_check
 
     monkeypatch.setattr(launch, "INTERPRET", False)
     kk_pad = 1 << (k * k - 1).bit_length()
     block_c, block_p, _, warps = compile_check._configs("bwd_filters", k, f64, False)[0]
     per_warp = launch._TILE_BUDGET // (8 if f64 else 2)
-    assert block_c * kk_pad * block_p <= per_warp * warps or warps == 32
+    assert block_c * kk_pad * block_p <= per_warp * warps or warps == 32 or (kk_pad >= 32 and warps == 16 and f64)
     assert launch.filters_config(kk_pad, f64, 8, 64) == {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": warps}
 
 

@@ -127,6 +127,8 @@ def gpu_filters_blocks(kk_pad: int, f64: bool):
     per_warp = _TILE_BUDGET // (8 if f64 else 2)
     block_c = max(1, min(8, 4 * per_warp // (kk_pad * block_p)))
     warps = min(32, max(4, triton.next_power_of_2(triton.cdiv(block_c * kk_pad * block_p, per_warp))))
+    if kk_pad >= 32:  # k >= 5: ptxas spilled at 8-16 warps (fp32/fp16/bf16) and at 32 (fp64 FilterNorm k=7) with
+        warps = 16 if f64 else 32  # triton 3.8 (`grad_check.py --compile-only --all`); these counts did not
     return block_c, block_p, warps
 
 
