@@ -3,10 +3,12 @@
 * the repository root goes first on sys.path (tests import the checkout, not an installed copy);
 * ``demo_root``: the tiny demo data set (10 classes, 8 train / 4 val images each, 32 px), built once per test
   module that asks for it;
+* ``train_log``: the messages the ``train`` logger emits at INFO and above during a test;
 * on a machine without a CUDA device, Triton's interpreter is switched on before ``ddf`` is imported (``triton.jit``
   reads TRITON_INTERPRET when it decorates), so the Triton kernels run on CPU tensors and are tested against the
   reference like every other backend. Set DDF_TEST_TRITON_INTERPRET=0 to leave TRITON_INTERPRET alone.
 """
+import logging
 import os
 import sys
 
@@ -34,3 +36,17 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo") / "ddf_demo")
     build_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, verbose=False)
     return root
+
+
+@pytest.fixture
+def train_log():
+    records = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("train")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)

@@ -4,7 +4,6 @@ clock drives training.pace and a tiny CPU Trainer, so no figure depends on this 
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 
 import pytest
@@ -67,21 +66,7 @@ class Tensors(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-@pytest.fixture
-def lines():
-    records = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("train")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
-def test_progress_lines_leave_out_the_slow_first_step_and_the_evaluation(lines, monkeypatch):
+def test_progress_lines_leave_out_the_slow_first_step_and_the_evaluation(train_log, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     parts = TrainParts(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
@@ -105,7 +90,7 @@ def test_progress_lines_leave_out_the_slow_first_step_and_the_evaluation(lines, 
     clock.t += 30.0  # the evaluation of epoch 0
     assert tr.train_one_epoch(1, 0)
     progress = [re.search(r"\] .* ([\d.]+) img/s  ETA epoch (\S+)  run (\S+)", ln).groups()
-                for ln in lines if ln.startswith("Train:")]
+                for ln in train_log if ln.startswith("Train:")]
     # 2 images per 0.5 s; counted from run start, step 4 would give 2 * 4 / 97.5 = 0.08 img/s and a run ETA of
     # 97.5 / 4 * 12 s = 0:04:52 for a run with 12 steps of 0.5 s left
     assert progress[:2] == [("4.0", "0:00:02", "0:00:06"), ("4.0", "0:00:00", "0:00:04")]

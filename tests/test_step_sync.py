@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import signal
@@ -106,20 +105,6 @@ def one_rank_group(tmp_path):
         yield Runtime(CPU, distributed=True, world_size=1, rank=0)
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture
-def train_log():
-    records = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger = logging.getLogger("train")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 def per_step_counts(trainer, monkeypatch, epoch=0):
